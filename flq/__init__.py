@@ -1,0 +1,3 @@
+"""FLQ: federated learning with quantized, lazily aggregated updates."""
+
+__version__ = "0.1.0"

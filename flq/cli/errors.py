@@ -1,0 +1,48 @@
+"""Map FLQ's errors to exit codes in one place; library code never calls sys.exit."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+EXIT_USAGE = 2  # bad config, bad option value: the user can fix the input
+EXIT_DATA = 3  # missing or corrupt data files
+EXIT_RUNTIME = 1  # anything else that went wrong while running
+
+_stderr = Console(stderr=True, highlight=False)
+
+
+def _exit_code(error: Exception) -> int | None:
+    # Imported here so `flq --help` does not pay for modules a command does not use.
+    from flq.codec import CodecError
+    from flq.config import ConfigError
+
+    if isinstance(error, ConfigError | CodecError):
+        return EXIT_USAGE
+    if type(error).__name__ == "DataError":
+        return EXIT_DATA
+    return None
+
+
+def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Print a known error as one readable line and exit with its code; re-raise the unknown."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except Exception as error:
+            code = _exit_code(error)
+            if code is None:
+                raise
+            _stderr.print(f"[bold red]error:[/] {error}", soft_wrap=True)
+            raise typer.Exit(code) from None
+
+    return wrapper

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs (see tools/gen_proto.py)."""

@@ -1,0 +1,223 @@
+"""Domain messages shared by master and worker: frozen dataclasses, no protobuf here.
+
+Each class mirrors one message of proto/flq/v1/flq.proto; flq/serde.py is the only place that
+converts between the two. Field names follow the proto so the mapping stays obvious.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+from flq.codec.chunks import TensorChunk
+
+__all__ = [
+    "Decision",
+    "DeviceInfo",
+    "EvalResult",
+    "Heartbeat",
+    "Hello",
+    "Location",
+    "MasterMessage",
+    "ModelChunk",
+    "ResetReference",
+    "RoundConfig",
+    "RoundStart",
+    "Shutdown",
+    "Skip",
+    "StatusReply",
+    "TensorChunk",
+    "UpdateChunk",
+    "UploadOffer",
+    "Welcome",
+    "WorkerMessage",
+    "WorkerStatus",
+]
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    hostname: str = ""
+    platform: str = ""
+    accelerator: str = ""
+    memory_mb: int = 0
+    python: str = ""
+    flq_version: str = ""
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a worker stands: coordinates, a site label, or both (all optional)."""
+
+    latitude: float | None = None
+    longitude: float | None = None
+    site: str = ""
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """What the master dictates for one round; workers follow it, not their own file."""
+
+    mode: str = "bbit"
+    b_up: int = 4
+    b_down: int = 32
+    local_steps: int = 1
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    l2: float = 0.0
+    prox_mu: float = 0.0
+    thr_scale: float = 0.0
+    lazy_d: int = 10
+    lazy_ck: float = 0.8
+    lazy_c: int = 50
+    warmup: int = 5
+    stochastic_rounding: bool = False
+    error_feedback: bool = True
+    deadline_ms: int = 60_000
+    optimizer: str = "sgd"
+
+
+# ---------------------------------------------------------------- worker -> master
+
+
+@dataclass(frozen=True)
+class Hello:
+    worker_id: str
+    protocol_version: int
+    num_samples: int
+    device: DeviceInfo = field(default_factory=DeviceInfo)
+    location: Location = field(default_factory=Location)
+    upload_ref_version: int = 0
+    download_ref_version: int = 0
+
+
+@dataclass(frozen=True)
+class UploadOffer:
+    round: int
+    wants_upload: bool
+    cost_bits: int
+    energy: float
+    clock: int
+    forced: bool
+    train_loss: float = 0.0
+    num_samples: int = 0
+
+
+@dataclass(frozen=True)
+class UpdateChunk:
+    round: int
+    upload_ref_version: int
+    tensors: tuple[TensorChunk, ...]
+
+
+@dataclass(frozen=True)
+class Skip:
+    round: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    round: int
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    round: int
+    phase: str
+    unix_time: float
+
+
+# ---------------------------------------------------------------- master -> worker
+
+
+@dataclass(frozen=True)
+class Welcome:
+    worker_id: str
+    protocol_version: int
+    session_id: str
+    round: int
+    reset_references: bool
+    upload_ref_version: int
+    download_ref_version: int
+
+
+@dataclass(frozen=True)
+class RoundStart:
+    """One part of a round's start; the downlink model is spread over parts 0..parts-1."""
+
+    round: int
+    config: RoundConfig
+    lazy_scalar: float
+    download_ref_version: int
+    part: int
+    parts: int
+    tensors: tuple[TensorChunk, ...]
+
+
+@dataclass(frozen=True)
+class Decision:
+    round: int
+    granted: bool
+    reason: str
+    upload_ref_version: int
+
+
+@dataclass(frozen=True)
+class ResetReference:
+    round: int
+    reason: str
+    upload_ref_version: int
+    download_ref_version: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    round: int
+    reason: str
+    reconnect: bool
+    reconnect_after_ms: int = 0
+
+
+# ---------------------------------------------------------------- admin
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    worker_id: str
+    connected: bool
+    last_seen_unix: float
+    num_samples: int
+    uplink_bits: int
+    uploads: int
+    skips: int
+    failures: int
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    round: int
+    max_rounds: int
+    state: str
+    accuracy: float
+    loss: float
+    up_budget_bits: int
+    last_round_uplink_bits: int
+    total_uplink_bits: int
+    total_downlink_bits: int
+    workers: tuple[WorkerStatus, ...]
+    mode: str
+
+
+@dataclass(frozen=True)
+class ModelChunk:
+    round: int
+    tensors: tuple[TensorChunk, ...]
+
+
+WorkerMessage: TypeAlias = Hello | UploadOffer | UpdateChunk | Skip | EvalResult | Heartbeat
+MasterMessage: TypeAlias = Welcome | RoundStart | Decision | ResetReference | Shutdown | Heartbeat

@@ -1,0 +1,102 @@
+"""Upload modes: what a worker sends, with which codec, and against which reference.
+
+- `fedavg`: the raw update as float32 (32 bits per value); never lazy.
+- `laq8`: the raw update, 8-bit unbiased stochastic quantization (optional error feedback).
+- `bbit`: the innovation u - Q_hat on the LAQ grid with `b_up` bits.
+- `bin`: the sign of the innovation, one shared magnitude (1 bit per value).
+
+Innovation modes (bbit, bin) quantize against the last acknowledged upload Q_hat, which already
+carries the quantization error forward; raw modes (fedavg, laq8) quantize the update itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, TypeAlias, get_args
+
+import numpy as np
+
+from flq.codec import (
+    Codec,
+    EncodedTensor,
+    encode_float32,
+    encode_laq_grid,
+    encode_sign,
+    encode_stochastic,
+)
+
+Mode: TypeAlias = Literal["fedavg", "laq8", "bbit", "bin"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+
+_LAQ8_BITS = 8
+_CODEC_OF: dict[Mode, Codec] = {
+    "fedavg": Codec.FLOAT32,
+    "laq8": Codec.STOCHASTIC,
+    "bbit": Codec.LAQ_GRID,
+    "bin": Codec.SIGN,
+}
+
+
+def parse_mode(name: str) -> Mode:
+    """The mode called `name`; a typo is an error that lists the valid choices."""
+    for mode in MODES:
+        if mode == name:
+            return mode
+    raise ValueError(f"unknown mode {name!r}: expected one of {list(MODES)}")
+
+
+def is_innovation(mode: Mode) -> bool:
+    """True where the worker quantizes u - Q_hat rather than u itself."""
+    return mode in ("bbit", "bin")
+
+
+def upload_codec(mode: Mode) -> Codec:
+    return _CODEC_OF[mode]
+
+
+def bits_per_value(mode: Mode, b_up: int) -> int:
+    """Payload bits per parameter (headers not included)."""
+    return {"fedavg": 32, "laq8": _LAQ8_BITS, "bbit": b_up, "bin": 1}[mode]
+
+
+def encode_upload(
+    mode: Mode,
+    values: np.ndarray,
+    b_up: int,
+    rng: np.random.Generator,
+    stochastic_rounding: bool = False,
+) -> EncodedTensor:
+    """Encode one tensor the way `mode` puts it on the wire."""
+    values = np.asarray(values, dtype=np.float32)
+    if mode == "fedavg":
+        return encode_float32(values)
+    if mode == "laq8":
+        return encode_stochastic(values, _LAQ8_BITS, rng)
+    if mode == "bbit":
+        return encode_laq_grid(values, b_up, rng if stochastic_rounding else None)
+    return encode_sign(values)
+
+
+def check_upload(
+    mode: Mode,
+    b_up: int,
+    encoded: Sequence[EncodedTensor],
+    shapes: Sequence[tuple[int, ...]],
+) -> None:
+    """Raise ValueError unless `encoded` is what a worker in `mode` sends for these shapes."""
+    if len(encoded) != len(shapes):
+        raise ValueError(f"upload has {len(encoded)} tensors, the model has {len(shapes)}")
+    expected_codec = upload_codec(mode)
+    for index, (tensor, shape) in enumerate(zip(encoded, shapes, strict=True)):
+        if tensor.codec != expected_codec:
+            raise ValueError(
+                f"tensor {index}: codec {Codec(tensor.codec).name}, mode {mode} sends "
+                f"{expected_codec.name}"
+            )
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"tensor {index}: shape {tuple(tensor.shape)}, expected {shape}")
+        if mode in ("laq8", "bbit") and tensor.bits != bits_per_value(mode, b_up):
+            raise ValueError(
+                f"tensor {index}: {tensor.bits} bits, mode {mode} sends "
+                f"{bits_per_value(mode, b_up)}"
+            )

@@ -1,0 +1,226 @@
+"""The worker's upload reference: what it last got acknowledged, and the lazy rule's inputs.
+
+`prepare` quantizes one update and evaluates the lazy rule without touching any state; only
+`commit` (the master granted and the payload went out) advances the reference, and `skip`
+(lazy or denied) just ticks the clock. The master mirrors the same arithmetic in
+`ContributionStore`, so its stored Q_i stays bit-identical to this worker's Q_hat.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from flq.algorithm._arrays import (
+    Shapes,
+    as_float32,
+    check_finite,
+    check_shapes,
+    sq_norm,
+    zeros,
+)
+from flq.algorithm.lazy import LazyParams, decide, lazy_threshold
+from flq.algorithm.modes import Mode, encode_upload, is_innovation, parse_mode
+from flq.codec import EncodedTensor, decode
+
+
+class RoundConfigLike(Protocol):
+    """The fields of flq.types.RoundConfig the reference needs (kept structural so this
+    package does not depend on the message types)."""
+
+    @property
+    def mode(self) -> str: ...
+    @property
+    def b_up(self) -> int: ...
+    @property
+    def thr_scale(self) -> float: ...
+    @property
+    def lazy_d(self) -> int: ...
+    @property
+    def lazy_ck(self) -> float: ...
+    @property
+    def lazy_c(self) -> int: ...
+    @property
+    def warmup(self) -> int: ...
+    @property
+    def stochastic_rounding(self) -> bool: ...
+    @property
+    def error_feedback(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class UploadSettings:
+    """Everything that shapes a worker's uploads; equal settings mean a reference can be kept."""
+
+    mode: Mode
+    b_up: int = 4
+    lazy: LazyParams = field(default_factory=LazyParams)
+    error_feedback: bool = True  # laq8 only: innovation modes carry the error in Q_hat already
+    stochastic_rounding: bool = False  # bbit only
+
+    @property
+    def uses_residual(self) -> bool:
+        return self.mode == "laq8" and self.error_feedback
+
+
+@dataclass(frozen=True)
+class PreparedUpload:
+    """One round's quantized update and lazy decision, not yet applied to the reference."""
+
+    encoded: list[EncodedTensor]
+    delta: list[np.ndarray]  # dQ: what the master's stored contribution moves by
+    candidate: list[np.ndarray]  # Q_hat after commit
+    residual: list[np.ndarray] | None  # error-feedback residual after commit (laq8 only)
+    energy: float  # ||dQ||^2
+    err_sq: float  # ||eps_k||^2: quantization error of this upload
+    threshold: float
+    cost_bits: int  # exact wire cost of `encoded`
+    wants_upload: bool
+    forced: bool
+    clock: int
+    version_after: int
+
+
+class UploadReference:
+    """Per-worker state: Q_hat, ||eps_hat||^2, clock, version, recent h, laq8 residual."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], settings: UploadSettings) -> None:
+        self.shapes: Shapes = [tuple(int(d) for d in shape) for shape in shapes]
+        self.settings = settings
+        self.q_hat: list[np.ndarray] = zeros(self.shapes)
+        self.residual: list[np.ndarray] = zeros(self.shapes) if settings.uses_residual else []
+        self.err_sq = 0.0
+        self.clock = 0
+        self.version = 0
+        self.history: deque[float] = deque(maxlen=settings.lazy.history)
+
+    @staticmethod
+    def key_for(config: RoundConfigLike) -> UploadSettings:
+        return UploadSettings(
+            mode=parse_mode(config.mode),
+            b_up=int(config.b_up),
+            lazy=LazyParams(
+                thr_scale=float(config.thr_scale),
+                history=int(config.lazy_d),
+                ck=float(config.lazy_ck),
+                max_clock=int(config.lazy_c),
+                warmup=int(config.warmup),
+            ),
+            error_feedback=bool(config.error_feedback),
+            stochastic_rounding=bool(config.stochastic_rounding),
+        )
+
+    @classmethod
+    def from_round_config(
+        cls, shapes: Sequence[tuple[int, ...]], config: RoundConfigLike
+    ) -> UploadReference:
+        return cls(shapes, cls.key_for(config))
+
+    @property
+    def config_key(self) -> UploadSettings:
+        return self.settings
+
+    def observe_scalar(self, h: float) -> None:
+        """Record the lazy scalar the master broadcast with this round (the last D are kept)."""
+        if not np.isfinite(h) or h < 0:
+            raise ValueError(f"lazy scalar must be finite and >= 0, got {h}")
+        self.history.append(float(h))
+
+    def prepare(
+        self, update: Sequence[np.ndarray], round_index: int, rng: np.random.Generator
+    ) -> PreparedUpload:
+        """Quantize `update` and decide whether to offer it; the reference is left unchanged."""
+        check_shapes(update, self.shapes, "update")
+        check_finite(update, "update")
+        if is_innovation(self.settings.mode):
+            quantized = self._quantize_innovation(update, rng)
+        else:
+            quantized = self._quantize_raw(update, rng)
+        encoded, delta, candidate, error, residual = quantized
+        energy, err_sq = sq_norm(delta), sq_norm(error)
+        params = self.settings.lazy
+        threshold = lazy_threshold(params, self.history, err_sq, self.err_sq)
+        decision = decide(
+            params,
+            energy,
+            threshold,
+            self.clock,
+            round_index,
+            lazy_enabled=self.settings.mode != "fedavg",
+        )
+        return PreparedUpload(
+            encoded=encoded,
+            delta=delta,
+            candidate=candidate,
+            residual=residual,
+            energy=energy,
+            err_sq=err_sq,
+            threshold=threshold,
+            cost_bits=sum(e.cost_bits() for e in encoded),
+            wants_upload=decision.wants_upload,
+            forced=decision.forced,
+            clock=self.clock,
+            version_after=self.version + 1,
+        )
+
+    def commit(self, prepared: PreparedUpload) -> None:
+        """The upload was granted and sent: the reference becomes what the master now stores."""
+        if prepared.version_after != self.version + 1:
+            raise ValueError(
+                f"prepared for version {prepared.version_after - 1}, reference is at "
+                f"{self.version}: prepare again"
+            )
+        self.q_hat = [a.copy() for a in prepared.candidate]
+        if prepared.residual is not None:
+            self.residual = [a.copy() for a in prepared.residual]
+        self.err_sq = prepared.err_sq
+        self.clock = 0
+        self.version += 1
+
+    def skip(self) -> None:
+        """Lazy or denied: nothing was sent, only the staleness clock moves."""
+        self.clock += 1
+
+    # ------------------------------------------------------------ quantizers
+
+    def _encode(self, values: np.ndarray, rng: np.random.Generator) -> EncodedTensor:
+        s = self.settings
+        return encode_upload(s.mode, values, s.b_up, rng, s.stochastic_rounding)
+
+    def _quantize_innovation(
+        self, update: Sequence[np.ndarray], rng: np.random.Generator
+    ) -> _Quantized:
+        """bbit/bin: quantize v = u - Q_hat; candidate Q = Q_hat + dQ; eps = v - dQ."""
+        innovation = [
+            np.asarray(u, np.float32) - q for u, q in zip(update, self.q_hat, strict=True)
+        ]
+        encoded = [self._encode(v, rng) for v in innovation]
+        delta = [decode(e, shape) for e, shape in zip(encoded, self.shapes, strict=True)]
+        candidate = [q + d for q, d in zip(self.q_hat, delta, strict=True)]
+        error = [v - d for v, d in zip(innovation, delta, strict=True)]
+        return encoded, delta, candidate, error, None
+
+    def _quantize_raw(self, update: Sequence[np.ndarray], rng: np.random.Generator) -> _Quantized:
+        """fedavg/laq8: quantize x = u (+ residual); dQ = Qnew - Q_hat; eps = x - Qnew."""
+        values = as_float32(update)
+        if self.settings.uses_residual:
+            values = [x + r for x, r in zip(values, self.residual, strict=True)]
+        encoded = [self._encode(x, rng) for x in values]
+        quantized = [decode(e, shape) for e, shape in zip(encoded, self.shapes, strict=True)]
+        delta = [n - q for n, q in zip(quantized, self.q_hat, strict=True)]
+        error = [x - n for x, n in zip(values, quantized, strict=True)]
+        residual = error if self.settings.uses_residual else None
+        return encoded, delta, quantized, error, residual
+
+
+_Quantized = tuple[
+    list[EncodedTensor],
+    list[np.ndarray],
+    list[np.ndarray],
+    list[np.ndarray],
+    list[np.ndarray] | None,
+]

@@ -1,0 +1,139 @@
+"""The master's copy of every worker's upload reference (its stored contribution Q_i).
+
+Q_i moves with the same float32 arithmetic the worker uses for Q_hat, so the two stay
+bit-identical: innovation modes add the decoded dQ, raw modes replace Q_i by the decoded payload.
+A worker that did not upload this round keeps its Q_i, which keeps counting in the aggregate
+(stale reuse). A worker with no upload since it joined or was reset has no contribution at all:
+its Q_i is zero, and counting it would only drag the mean towards zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flq.algorithm._arrays import Shapes, check_finite, zeros
+from flq.algorithm.modes import Mode, check_upload, is_innovation, parse_mode
+from flq.codec import EncodedTensor, decode
+
+
+@dataclass
+class _Entry:
+    contribution: list[np.ndarray] | None = None  # None: nothing uploaded since join/reset
+    version: int = 0  # +1 per applied upload, in step with the worker's reference
+    weight_used: float = 0.0  # sum of the aggregation weights this worker has received
+
+
+class ContributionStore:
+    def __init__(self, shapes: Sequence[tuple[int, ...]], mode: Mode, b_up: int = 4) -> None:
+        self.shapes: Shapes = [tuple(int(d) for d in shape) for shape in shapes]
+        self.mode = mode
+        self.b_up = b_up
+        self._entries: dict[str, _Entry] = {}
+
+    # ------------------------------------------------------------ queries
+
+    def version(self, worker_id: str) -> int:
+        """The worker's reference version as the master sees it (0 for a stranger)."""
+        entry = self._entries.get(worker_id)
+        return 0 if entry is None else entry.version
+
+    def contribution(self, worker_id: str) -> list[np.ndarray] | None:
+        """Q_i (the arrays themselves: read, do not modify), or None if there is none."""
+        entry = self._entries.get(worker_id)
+        return None if entry is None else entry.contribution
+
+    def contributors(self) -> list[str]:
+        """Workers whose Q_i counts in the aggregate, sorted for a deterministic sum order."""
+        return sorted(w for w, e in self._entries.items() if e.contribution is not None)
+
+    def weight_used(self, worker_id: str) -> float:
+        entry = self._entries.get(worker_id)
+        return 0.0 if entry is None else entry.weight_used
+
+    def __contains__(self, worker_id: object) -> bool:
+        return worker_id in self._entries
+
+    # ------------------------------------------------------------ changes
+
+    def check(self, encoded: Sequence[EncodedTensor]) -> None:
+        """Raise ValueError unless `encoded` is a well-formed upload for this mode and model."""
+        check_upload(self.mode, self.b_up, encoded, self.shapes)
+
+    def apply_upload(self, worker_id: str, encoded: Sequence[EncodedTensor]) -> None:
+        """A granted upload arrived: move Q_i exactly as the worker moved Q_hat on commit."""
+        self.check(encoded)
+        decoded = [decode(e, shape) for e, shape in zip(encoded, self.shapes, strict=True)]
+        check_finite(decoded, f"upload from {worker_id}")
+        entry = self._entries.setdefault(worker_id, _Entry())
+        if is_innovation(self.mode):
+            base = entry.contribution if entry.contribution is not None else zeros(self.shapes)
+            entry.contribution = [q + d for q, d in zip(base, decoded, strict=True)]
+        else:
+            entry.contribution = decoded
+        entry.version += 1
+
+    def reset(self, worker_id: str) -> None:
+        """Both sides restart the worker's reference from zeros at version 0."""
+        entry = self._entries.setdefault(worker_id, _Entry())
+        entry.contribution = None
+        entry.version = 0
+
+    def remove(self, worker_id: str) -> None:
+        """The worker was evicted: forget it entirely (a stranger again if it returns)."""
+        self._entries.pop(worker_id, None)
+
+    def record_weights(self, weights: Mapping[str, float]) -> None:
+        for worker_id, weight in weights.items():
+            self._entries[worker_id].weight_used += weight
+
+    # ------------------------------------------------------------ checkpoint
+
+    def state(self) -> dict[str, Any]:
+        ids = sorted(self._entries)
+        entries = [self._entries[w] for w in ids]
+        return {
+            "mode": self.mode,
+            "b_up": self.b_up,
+            "shapes": [list(s) for s in self.shapes],
+            "ids": ids,
+            "versions": [e.version for e in entries],
+            "weight_used": [e.weight_used for e in entries],
+            "has_contribution": [e.contribution is not None for e in entries],
+            # keyed by position: worker ids may hold characters checkpoint paths cannot
+            "contributions": {
+                str(i): [a.copy() for a in e.contribution]
+                for i, e in enumerate(entries)
+                if e.contribution is not None
+            },
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        shapes = [tuple(int(d) for d in s) for s in state["shapes"]]
+        if shapes != self.shapes or state["mode"] != self.mode:
+            raise ValueError(
+                f"checkpoint store is for mode {state['mode']} shapes {shapes}, "
+                f"this run is mode {self.mode} shapes {self.shapes}"
+            )
+        self.mode = parse_mode(str(state["mode"]))
+        self.b_up = int(state["b_up"])
+        # an empty dict does not survive a checkpoint (no leaves), hence the default
+        contributions = state.get("contributions", {})
+        self._entries = {}
+        rows = zip(
+            state["ids"],
+            state["versions"],
+            state["weight_used"],
+            state["has_contribution"],
+            strict=True,
+        )
+        for index, (worker_id, version, used, has) in enumerate(rows):
+            stored = contributions[str(index)] if has else None
+            self._entries[str(worker_id)] = _Entry(
+                contribution=None if stored is None else [np.array(a, np.float32) for a in stored],
+                version=int(version),
+                weight_used=float(used),
+            )

@@ -1,0 +1,430 @@
+"""Quantizers: float tensors <-> EncodedTensor {codec, shape, bits, scales, packed bytes}.
+
+Codecs (values equal the wire enum flq.v1.Codec):
+- FLOAT32, FLOAT16: raw little-endian floats, no scales.
+- STOCHASTIC (laq8 is bits=8): unbiased stochastic rounding onto 2^b evenly spaced levels on
+  [-s, s], s = max|x|, scales=(s,).
+- LAQ_GRID: the LAQ grid on an innovation v, R = ||v||_inf, tau = 1/(2^b - 1),
+  q = floor((v + R)/(2 tau R) + 1/2), decode 2 tau R q - R, so |error| <= tau*R; with an rng the
+  +1/2 becomes stochastic rounding on the same grid. scales=(R,).
+- SIGN: one bit per value, decode s*sign(v) with s = mean|v| and ties (v == 0) going to +s.
+
+STOCHASTIC and LAQ_GRID share one grid: index q in [0, 2^b - 1] stands for q*step - r with
+step = 2r/(2^b - 1). Encoding computes t = v/step + (2^b - 1)/2 (+ 1/2, or + a uniform draw) in
+float32 and truncates, which is floor because t >= 0. The uniform draw uses 16 random bits per
+value placed at bin centres (k + 1/2)/2^16, so the rounding bias is below 2^-17 of a step, under
+float32's own resolution of t; 16 bits keep the random generator from dominating the cost.
+
+Work runs in blocks of BLOCK_VALUES values so temporaries stay in cache and the extra memory stays
+a few hundred kilobytes beyond the output. Radii so small that 1/step overflows float32 (below
+_TINY_RADIUS) are computed in float64 instead.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from flq.codec.bitpack import (
+    BLOCK_VALUES,
+    MAX_BITS,
+    MIN_BITS,
+    PayloadBuffer,
+    check_payload,
+    pack_into,
+    packed_size,
+    unpack_block,
+    value_dtype,
+)
+from flq.codec.errors import CodecError
+
+
+class Codec(enum.IntEnum):
+    """How a tensor's bytes are encoded; equal to the proto enum flq.v1.Codec."""
+
+    FLOAT32 = 1
+    FLOAT16 = 2
+    STOCHASTIC = 3
+    LAQ_GRID = 4
+    SIGN = 5
+
+
+HEADER_FIXED_BITS = 16  # codec id (8) + bit width (8)
+
+
+def header_bits(ndim: int, nscales: int) -> int:
+    """Bits a tensor header costs: fixed part, 32 per shape dim, 32 per scale."""
+    return HEADER_FIXED_BITS + 32 * ndim + 32 * nscales
+
+
+@dataclass(frozen=True)
+class EncodedTensor:
+    """One encoded tensor as it travels; `validate` says whether it is well formed."""
+
+    codec: Codec
+    shape: tuple[int, ...]
+    bits: int  # bits per value in `data` (32 for float32, 16 for float16)
+    scales: tuple[float, ...]
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        """Number of values: the product of the shape (1 for a 0-d tensor)."""
+        return math.prod(self.shape)
+
+    def cost_bits(self) -> int:
+        """Bits this tensor costs on the wire: payload plus header."""
+        return 8 * len(self.data) + header_bits(len(self.shape), len(self.scales))
+
+
+@dataclass(frozen=True)
+class _CodecRule:
+    """What a well-formed tensor of one codec looks like."""
+
+    min_bits: int
+    max_bits: int
+    scale_names: tuple[str, ...]  # each a magnitude: finite and >= 0
+
+
+_RULES: dict[Codec, _CodecRule] = {
+    Codec.FLOAT32: _CodecRule(32, 32, ()),
+    Codec.FLOAT16: _CodecRule(16, 16, ()),
+    Codec.STOCHASTIC: _CodecRule(MIN_BITS, MAX_BITS, ("s",)),
+    Codec.LAQ_GRID: _CodecRule(MIN_BITS, MAX_BITS, ("R",)),
+    Codec.SIGN: _CodecRule(1, 1, ("s",)),
+}
+_FLOAT_DTYPES: dict[Codec, np.dtype[np.floating]] = {
+    Codec.FLOAT32: np.dtype("<f4"),
+    Codec.FLOAT16: np.dtype("<f2"),
+}
+_FLOAT16_OVERFLOW = 65520.0  # float32 values at or above this round to inf in float16
+_TINY_RADIUS = 1e-30  # below this, 1/step can overflow float32: use float64
+_DITHER_BITS = 16
+
+
+# ---------------------------------------------------------------- encoders
+
+
+def encode_float32(x: np.ndarray) -> EncodedTensor:
+    """Raw little-endian float32 (32 bits per value)."""
+    values, _ = _finite_input(x)
+    data = values.astype("<f4", copy=False).tobytes()
+    return EncodedTensor(Codec.FLOAT32, values.shape, 32, (), data)
+
+
+def encode_float16(x: np.ndarray) -> EncodedTensor:
+    """Raw little-endian float16; values that would overflow float16 are refused."""
+    values, peak = _finite_input(x)
+    if peak >= _FLOAT16_OVERFLOW:
+        raise CodecError(
+            f"input: got max |x| = {peak:g}, expected < {_FLOAT16_OVERFLOW:g} to fit float16"
+        )
+    flat = values.reshape(-1)
+    payload = PayloadBuffer(2 * flat.size)
+    halves = np.empty(min(flat.size, BLOCK_VALUES), dtype="<f2")
+    for start in range(0, flat.size, BLOCK_VALUES):
+        block = flat[start : start + BLOCK_VALUES]
+        np.copyto(halves[: block.size], block, casting="same_kind")
+        payload.write(halves[: block.size])
+    return EncodedTensor(Codec.FLOAT16, values.shape, 16, (), payload.finish())
+
+
+def encode_stochastic(x: np.ndarray, bits: int, rng: np.random.Generator) -> EncodedTensor:
+    """Unbiased stochastic `bits`-bit quantization with one scale s = max|x|: E[decode] = x."""
+    _check_codec_bits(Codec.STOCHASTIC, bits)
+    values, radius = _finite_input(x)
+    data = _grid_payload(values.reshape(-1), bits, radius, rng)
+    return EncodedTensor(Codec.STOCHASTIC, values.shape, bits, (radius,), data)
+
+
+def encode_laq_grid(
+    v: np.ndarray, bits: int, rng: np.random.Generator | None = None
+) -> EncodedTensor:
+    """LAQ grid on the innovation `v` (the caller forms g - Q_hat); |error| <= R/(2^b - 1).
+
+    With `rng`, stochastic rounding on the same grid replaces round-to-nearest (unbiased).
+    """
+    _check_codec_bits(Codec.LAQ_GRID, bits)
+    values, radius = _finite_input(v)
+    data = _grid_payload(values.reshape(-1), bits, radius, rng)
+    return EncodedTensor(Codec.LAQ_GRID, values.shape, bits, (radius,), data)
+
+
+def encode_sign(v: np.ndarray) -> EncodedTensor:
+    """One bit per value (1 where v >= 0); decodes to s*sign(v), s = mean|v|, ties to +s."""
+    values, _ = _finite_input(v)
+    flat = values.reshape(-1)
+    payload = PayloadBuffer(packed_size(flat.size, 1))
+    positive = np.empty(min(flat.size, BLOCK_VALUES), dtype=np.bool_)
+    magnitude = np.empty(min(flat.size, BLOCK_VALUES), dtype=np.float32)
+    total = 0.0
+    for start in range(0, flat.size, BLOCK_VALUES):
+        block = flat[start : start + BLOCK_VALUES]
+        total += _abs_sum(block, magnitude[: block.size])
+        np.greater_equal(block, 0, out=positive[: block.size])
+        payload.write(np.packbits(positive[: block.size], bitorder="little"))
+    mean_abs = float(np.float32(total / flat.size)) if flat.size else 0.0
+    return EncodedTensor(Codec.SIGN, values.shape, 1, (mean_abs,), payload.finish())
+
+
+def encode(
+    codec: Codec, x: np.ndarray, bits: int, rng: np.random.Generator | None = None
+) -> EncodedTensor:
+    """Encode `x` with `codec` at `bits` bits per value (fixed-width codecs require their width)."""
+    kind = _known_codec(codec)
+    _check_codec_bits(kind, bits)
+    if kind is Codec.FLOAT32:
+        return encode_float32(x)
+    if kind is Codec.FLOAT16:
+        return encode_float16(x)
+    if kind is Codec.SIGN:
+        return encode_sign(x)
+    if kind is Codec.LAQ_GRID:
+        return encode_laq_grid(x, bits, rng)
+    if rng is None:
+        raise CodecError("rng: got None, expected a numpy Generator for STOCHASTIC")
+    return encode_stochastic(x, bits, rng)
+
+
+# ---------------------------------------------------------------- decode and validate
+
+
+def decode(enc: EncodedTensor, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """The float32 array `enc` stands for, after every check of `validate`."""
+    validate(enc, expected_shape)
+    codec = Codec(enc.codec)
+    shape = tuple(int(d) for d in enc.shape)
+    if codec in _FLOAT_DTYPES:
+        flat = np.frombuffer(enc.data, dtype=_FLOAT_DTYPES[codec]).astype(np.float32)
+    elif codec is Codec.SIGN:
+        flat = _sign_values(enc.data, enc.size, enc.scales[0])
+    else:
+        flat = _grid_values(enc.data, enc.bits, enc.size, enc.scales[0])
+    return flat.reshape(shape)
+
+
+def validate(enc: EncodedTensor, expected_shape: tuple[int, ...] | None = None) -> None:
+    """Raise CodecError naming the field unless `enc` is a well-formed tensor of its codec."""
+    codec = _known_codec(enc.codec)
+    shape = _checked_shape(enc.shape)
+    if expected_shape is not None and shape != tuple(expected_shape):
+        raise CodecError(f"shape: got {shape}, expected {tuple(expected_shape)}")
+    _check_codec_bits(codec, enc.bits)
+    _check_scales(codec, enc.scales)
+    count = math.prod(shape)
+    if codec in _FLOAT_DTYPES:
+        _check_float_payload(enc.data, _FLOAT_DTYPES[codec], count)
+    else:
+        check_payload(len(enc.data), enc.bits, count)
+
+
+def payload_bytes(codec: Codec, bits: int, count: int) -> int:
+    """Bytes the payload of `count` values takes with `codec` at `bits` (both checked)."""
+    kind = _known_codec(codec)
+    _check_codec_bits(kind, bits)
+    if kind in _FLOAT_DTYPES:
+        return count * _FLOAT_DTYPES[kind].itemsize
+    return packed_size(count, bits)
+
+
+def _known_codec(codec: object) -> Codec:
+    try:
+        return Codec(codec)  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        valid = ", ".join(f"{c.name}={c.value}" for c in Codec)
+        raise CodecError(f"codec: got {codec!r}, expected one of {valid}") from None
+
+
+def _checked_shape(shape: object) -> tuple[int, ...]:
+    dims = tuple(shape) if isinstance(shape, (tuple, list)) else None
+    if dims is None or not all(_is_int(d) and d >= 0 for d in dims):
+        raise CodecError(f"shape: got {shape!r}, expected a tuple of ints >= 0")
+    return tuple(int(d) for d in dims)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_codec_bits(codec: Codec, bits: object) -> None:
+    rule = _RULES[codec]
+    if not _is_int(bits) or not rule.min_bits <= bits <= rule.max_bits:  # type: ignore[operator]
+        expected = (
+            str(rule.min_bits)
+            if rule.min_bits == rule.max_bits
+            else f"{rule.min_bits}..{rule.max_bits}"
+        )
+        raise CodecError(f"bits: got {bits!r}, expected {expected} for {codec.name}")
+
+
+def _check_scales(codec: Codec, scales: tuple[float, ...]) -> None:
+    names = _RULES[codec].scale_names
+    if len(scales) != len(names):
+        raise CodecError(
+            f"scales: got {len(scales)} values, expected {len(names)} ({list(names)}) "
+            f"for {codec.name}"
+        )
+    for name, value in zip(names, scales, strict=True):
+        if not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value):
+            raise CodecError(f"scales[{name}]: got {value!r}, expected a finite number")
+        if value < 0:
+            raise CodecError(f"scales[{name}]: got {value!r}, expected >= 0 (a magnitude)")
+        if value > np.finfo(np.float32).max:
+            raise CodecError(f"scales[{name}]: got {value!r}, expected to fit float32")
+
+
+def _check_float_payload(data: bytes, dtype: np.dtype[np.floating], count: int) -> None:
+    expected = count * dtype.itemsize
+    if len(data) != expected:
+        raise CodecError(
+            f"payload length: got {len(data)} bytes, expected {expected} "
+            f"(= {count} values * {dtype.itemsize} bytes)"
+        )
+    floats = np.frombuffer(data, dtype=dtype)
+    if _has_nonfinite(floats):
+        bad = int(np.count_nonzero(~np.isfinite(floats)))
+        raise CodecError(
+            f"payload values: got {bad} NaN or Inf of {count}, expected finite {dtype.name}"
+        )
+
+
+def _has_nonfinite(floats: np.ndarray) -> bool:
+    """True if any value is NaN or Inf, without a boolean temporary of the whole array."""
+    if not floats.size:
+        return False
+    if floats.dtype.itemsize == 4:  # min and max propagate NaN and expose +-Inf
+        return not (math.isfinite(floats.min()) and math.isfinite(floats.max()))
+    # float16 reductions run in software: look at the bits instead. NaN and Inf are the values
+    # whose exponent bits are all ones, i.e. |bits| >= 0x7C00.
+    halves = floats.view("<u2")
+    magnitude = np.empty(min(halves.size, BLOCK_VALUES), dtype="<u2")
+    for start in range(0, halves.size, BLOCK_VALUES):
+        block = halves[start : start + BLOCK_VALUES]
+        np.bitwise_and(block, 0x7FFF, out=magnitude[: block.size])
+        if magnitude[: block.size].max() >= 0x7C00:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- input
+
+
+def _finite_input(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """`x` as float32 (a view when it already is) and max|x|. Refuses NaN and Inf; never writes."""
+    values = np.asarray(x, dtype=np.float32)
+    flat = values.reshape(-1)
+    if not flat.size:
+        return values, 0.0
+    # min and max propagate NaN and expose +-Inf: two fast reductions, no boolean temporary,
+    # and they give max|x| for free.
+    low, high = float(flat.min()), float(flat.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        bad = int(np.count_nonzero(~np.isfinite(flat)))
+        raise CodecError(
+            f"input: contains NaN or Inf ({bad} of {flat.size} values), expected finite values"
+        )
+    return values, max(high, -low)
+
+
+def _abs_sum(block: np.ndarray, scratch: np.ndarray) -> float:
+    """sum|block| (float32 pairwise, or float64 when float32 would overflow)."""
+    np.abs(block, out=scratch)
+    total = float(scratch.sum())
+    if not math.isfinite(total):
+        total = float(scratch.sum(dtype=np.float64))
+    return total
+
+
+# ---------------------------------------------------------------- the shared grid
+
+
+def _grid_work(radius: float, levels: int) -> tuple[np.dtype[np.floating], float, float]:
+    """(dtype to compute in, values per unit 1/step, step) of the grid on [-radius, radius]."""
+    work = np.dtype(np.float32) if radius >= _TINY_RADIUS else np.dtype(np.float64)
+    return work, levels / (2.0 * radius), 2.0 * radius / levels
+
+
+def _grid_payload(
+    flat: np.ndarray, bits: int, radius: float, rng: np.random.Generator | None
+) -> bytes:
+    """Packed grid indices of `flat` (float32, |flat| <= radius)."""
+    size = packed_size(flat.size, bits)
+    if radius == 0.0 or not flat.size:
+        return bytes(size)  # every index 0 decodes to 0*step - 0 = 0 exactly
+    levels = (1 << bits) - 1
+    work, per_step, _ = _grid_work(radius, levels)
+    scale = work.type(per_step)
+    # +1/2 rounds to nearest; a dither in [2^-17, 1 - 2^-17] rounds stochastically.
+    offset = work.type(levels / 2 + (0.5 if rng is None else 2.0 ** -(_DITHER_BITS + 1)))
+    block_len = min(flat.size, BLOCK_VALUES)
+    position = np.empty(block_len, dtype=work)
+    dither = np.empty(block_len, dtype=work) if rng is not None else None
+    indices = np.empty(block_len, dtype=value_dtype(bits))
+    packed = np.empty(packed_size(block_len, bits), dtype=np.uint8)
+    payload = PayloadBuffer(size)
+    for start in range(0, flat.size, BLOCK_VALUES):
+        block = flat[start : start + BLOCK_VALUES]
+        count = block.size
+        t = position[:count]
+        np.multiply(block, scale, out=t)
+        np.add(t, offset, out=t)
+        if dither is not None and rng is not None:
+            _add_dither(t, rng, dither[:count])
+            np.minimum(t, levels, out=t)  # float32 rounding may push the top index one over
+        np.copyto(indices[:count], t, casting="unsafe")  # t > -1 and truncation is floor on t >= 0
+        if bits in (8, 16):  # byte-aligned: the indices are the payload
+            payload.write(indices[:count])
+        else:
+            target = packed[: packed_size(count, bits)]
+            pack_into(indices[:count], bits, target)
+            payload.write(target)
+    return payload.finish()
+
+
+def _add_dither(t: np.ndarray, rng: np.random.Generator, scratch: np.ndarray) -> None:
+    """t += k / 2^16 with k uniform in 0..2^16-1 (the bin-centre half is in the offset)."""
+    words = -(-t.size // 4)  # four 16-bit draws per 64-bit word
+    raw = rng.integers(0, 2**64 - 1, size=words, dtype=np.uint64, endpoint=True)
+    draws = raw.view("<u2")[: t.size]
+    np.multiply(draws, scratch.dtype.type(2.0**-_DITHER_BITS), out=scratch)
+    np.add(t, scratch, out=t)
+
+
+def _grid_values(data: bytes, bits: int, count: int, radius: float) -> np.ndarray:
+    """Decode packed grid indices: q*step - radius, step = 2*radius/(2^bits - 1)."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    out = np.empty(count, dtype=np.float32)
+    if radius == 0.0:
+        out.fill(0.0)
+        return out
+    work, _, step = _grid_work(radius, (1 << bits) - 1)
+    scratch = None if work == np.float32 else np.empty(min(count, BLOCK_VALUES), dtype=work)
+    step_w, radius_w = work.type(step), work.type(radius)
+    for start in range(0, count, BLOCK_VALUES):
+        stop = min(start + BLOCK_VALUES, count)
+        byte_start = start * bits // 8
+        chunk = raw[byte_start : byte_start + packed_size(stop - start, bits)]
+        q = unpack_block(chunk, bits, stop - start)
+        target = out[start:stop] if scratch is None else scratch[: stop - start]
+        np.multiply(q, step_w, out=target)
+        np.subtract(target, radius_w, out=target)
+        if scratch is not None:
+            out[start:stop] = target
+    return out
+
+
+def _sign_values(data: bytes, count: int, mean_abs: float) -> np.ndarray:
+    """Decode sign bits: bit 1 -> +s, bit 0 -> -s (computed as bit*2s - s, which is exact)."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    out = np.empty(count, dtype=np.float32)
+    magnitude = np.float32(mean_abs)
+    for start in range(0, count, BLOCK_VALUES):
+        target = out[start : start + BLOCK_VALUES]
+        chunk = raw[start // 8 : start // 8 + packed_size(target.size, 1)]
+        positive = np.unpackbits(chunk, count=target.size, bitorder="little")
+        np.multiply(positive, magnitude * 2, out=target)
+        np.subtract(target, magnitude, out=target)
+    return out

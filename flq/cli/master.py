@@ -1,0 +1,62 @@
+"""`flq-master`: run the master daemon."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from flq.cli.errors import handle_errors
+
+app = typer.Typer(
+    name="flq-master", help="The FLQ master daemon.", no_args_is_help=True, add_completion=False
+)
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "console"]
+
+
+@app.callback()
+def main() -> None:
+    """The FLQ master: coordinates rounds, aggregates, checkpoints and records results."""
+
+
+@app.command()
+@handle_errors
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Config file (.toml/.json).")],
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="Port to listen on (default: from system.master_url; 0 picks a free one)."
+        ),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (default: from system.master_url).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoint in the run directory.")
+    ] = False,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(help="Results and checkpoint directory (default: logging.result_dir)."),
+    ] = None,
+    log_level: Annotated[LogLevel | None, typer.Option(help="Override logging.log_level.")] = None,
+    log_format: Annotated[
+        LogFormat | None, typer.Option(help="Override logging.log_format.")
+    ] = None,
+) -> None:
+    """Serve workers and run federated rounds until max_rounds, the target accuracy, or a stop."""
+    from flq.cli.runtime import run_async, start
+    from flq.config import load_config
+    from flq.master.daemon import MasterDaemon, MasterOptions
+
+    cfg = load_config(config)
+    start(cfg, log_level, log_format)
+    daemon = MasterDaemon(cfg, MasterOptions(host=host, port=port, resume=resume, run_dir=run_dir))
+    run_async(daemon.run())
+
+
+if __name__ == "__main__":
+    app()

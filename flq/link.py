@@ -1,0 +1,80 @@
+"""The transport seam: how the round engine and a worker session reach each other.
+
+The master's round engine sees each worker as a `WorkerLink`; a worker session sees the master
+as a `MasterLink`. Two implementations exist: gRPC streams (flq/master/servicer.py and
+flq/worker/connection.py) and in-memory queues (flq/memlink.py, for `flq simulate` and tests).
+Messages are domain objects (flq.types); each link converts at its edge and reports the bytes the
+message takes on the wire, so byte accounting is identical over both transports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from flq.types import MasterMessage, WorkerMessage
+
+
+class LinkClosed(Exception):
+    """The other side went away (stream ended, connection lost, session replaced)."""
+
+
+class ProtocolViolation(Exception):
+    """A peer broke the protocol; the session ends with a clear status and changes nothing.
+
+    `code` is a gRPC status name (INVALID_ARGUMENT, FAILED_PRECONDITION, ...); the in-memory
+    transport uses the same names so tests read the same over both.
+    """
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Received:
+    """A message and the bytes it took on the wire."""
+
+    message: WorkerMessage
+    wire_bytes: int
+
+
+@dataclass(frozen=True)
+class ReceivedByWorker:
+    message: MasterMessage
+    wire_bytes: int
+
+
+class WorkerLink(Protocol):
+    """The master's end of one worker's session."""
+
+    @property
+    def worker_id(self) -> str: ...
+
+    @property
+    def session_id(self) -> str: ...
+
+    async def send(self, message: MasterMessage) -> int:
+        """Send one message; returns its size on the wire. Raises LinkClosed."""
+        ...
+
+    async def recv(self) -> Received:
+        """The next message from the worker. Raises LinkClosed."""
+        ...
+
+    async def reject(self, violation: ProtocolViolation) -> None:
+        """End the session because of a protocol violation (the worker sees the status)."""
+        ...
+
+    async def close(self) -> None:
+        """End the session without an error (after a Shutdown, or when replaced)."""
+        ...
+
+
+class MasterLink(Protocol):
+    """A worker's end of its session with the master."""
+
+    async def send(self, message: WorkerMessage) -> int: ...
+
+    async def recv(self) -> ReceivedByWorker: ...

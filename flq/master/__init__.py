@@ -1,0 +1,1 @@
+"""The master: worker registry, round engine, checkpoints, results, gRPC servicer and daemon."""

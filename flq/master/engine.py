@@ -1,0 +1,446 @@
+"""The round engine: one FLQ round over whatever transport the links use.
+
+configure -> send the model -> collect offers -> select -> decide -> collect uploads -> aggregate ->
+step. Every wait is bounded by the round deadline; a worker that misses it, drops its link or breaks
+the protocol is a recorded failure of that round, never a stall. The math lives in flq.algorithm;
+this module only sequences it and counts what crosses the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+import structlog
+
+from flq.algorithm import Offer, select_uploads
+from flq.codec import CodecError, EncodedTensor, Reassembler, group_chunks, split_tensors
+from flq.link import LinkClosed, ProtocolViolation, WorkerLink
+from flq.master.registry import Registry, WorkerRecord
+from flq.master.state import MasterState
+from flq.serde import PROTOCOL_VERSION
+from flq.types import (
+    Decision,
+    EvalResult,
+    Heartbeat,
+    Hello,
+    ResetReference,
+    RoundConfig,
+    RoundStart,
+    Shutdown,
+    Skip,
+    UpdateChunk,
+    UploadOffer,
+    Welcome,
+    WorkerMessage,
+)
+
+log = structlog.get_logger("flq.master")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    round_config: RoundConfig
+    sel_clients: int = 0
+    up_budget_bits: float = 0.0
+    round_timeout_s: float = 60.0
+    hello_timeout_s: float = 30.0
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    participants: list[str] = field(default_factory=list)
+    selected: list[str] = field(default_factory=list)  # granted and received
+    skipped: list[str] = field(default_factory=list)  # lazy: did not want to upload
+    denied: dict[str, str] = field(default_factory=dict)  # wanted, but budget/top-k said no
+    failed: dict[str, str] = field(default_factory=dict)  # worker -> why
+    uplink_bits: int = 0
+    downlink_bits: int = 0
+    wire_bytes: int = 0
+    seconds: float = 0.0
+    train_loss: float = float("nan")
+    lazy_scalar: float = 0.0
+    weights: dict[str, float] = field(default_factory=dict)
+    weights_source: str = "samples"
+
+
+class _Failure(Exception):
+    """One worker's round ended badly; `reason` goes into the results."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RoundEngine:
+    def __init__(self, state: MasterState, registry: Registry, settings: EngineSettings) -> None:
+        self.state = state
+        self.registry = registry
+        self.settings = settings
+        self.rejected: dict[str, int] = {}  # protocol violations by reason, for metrics
+
+    # ------------------------------------------------------------ sessions
+
+    async def accept(self, link: WorkerLink) -> WorkerRecord:
+        """Handshake on a new link: Hello in, reference reconciliation, Welcome out."""
+        try:
+            first = await asyncio.wait_for(link.recv(), self.settings.hello_timeout_s)
+        except asyncio.TimeoutError as error:
+            raise ProtocolViolation(
+                "DEADLINE_EXCEEDED", "no Hello within the hello timeout"
+            ) from error
+        hello = first.message
+        if not isinstance(hello, Hello):
+            raise ProtocolViolation(
+                "FAILED_PRECONDITION", f"first message must be Hello, got {type(hello).__name__}"
+            )
+        if hello.worker_id != link.worker_id and link.worker_id:
+            raise ProtocolViolation(
+                "PERMISSION_DENIED", f"worker id {hello.worker_id!r} differs from the session's"
+            )
+        if hello.protocol_version != PROTOCOL_VERSION:
+            raise ProtocolViolation(
+                "FAILED_PRECONDITION",
+                f"protocol version {hello.protocol_version}, master speaks {PROTOCOL_VERSION}",
+            )
+        record, replaced = self.registry.attach(hello, link)
+        if replaced is not None:
+            await _close_quietly(
+                replaced, Shutdown(self.state.round, "replaced by a new session", reconnect=False)
+            )
+        reset = self.state.store.version(hello.worker_id) != hello.upload_ref_version
+        if reset:
+            log.warning(
+                "reference mismatch: resetting",
+                worker=hello.worker_id,
+                master_version=self.state.store.version(hello.worker_id),
+                worker_version=hello.upload_ref_version,
+            )
+            self.state.store.reset(hello.worker_id)
+        in_sync = hello.download_ref_version == self.state.downlink.version
+        record.download_version = hello.download_ref_version if in_sync else -1
+        await link.send(
+            Welcome(
+                worker_id=hello.worker_id,
+                protocol_version=PROTOCOL_VERSION,
+                session_id=link.session_id,
+                round=self.state.round,
+                reset_references=reset,
+                upload_ref_version=self.state.store.version(hello.worker_id),
+                download_ref_version=self.state.downlink.version,
+            )
+        )
+        log.info(
+            "worker connected",
+            worker=hello.worker_id,
+            session=link.session_id,
+            samples=hello.num_samples,
+            reset=reset,
+            device=hello.device.accelerator,
+        )
+        return record
+
+    # ------------------------------------------------------------ one round
+
+    async def run_round(self) -> RoundOutcome:
+        round_id = self.state.round
+        structlog.contextvars.bind_contextvars(round=round_id)
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.round_timeout_s
+        records = self.registry.connected()
+        outcome = RoundOutcome(round=round_id, participants=[r.worker_id for r in records])
+
+        downlink = self.state.downlink.prepare(self.state.weights)
+        sent = await self._each(
+            records, lambda r: self._send_round_start(r, downlink, outcome), deadline, outcome
+        )
+        offers = await self._each(
+            sent, lambda r: self._recv_offer(r, round_id, outcome), deadline, outcome
+        )
+        granted = self._select(offers, outcome)
+        decided = await self._each(
+            list(offers), lambda r: self._send_decision(r, granted, outcome), deadline, outcome
+        )
+        uploaders = [r for r in decided if r.worker_id in granted]
+        uploads = await self._each(
+            uploaders, lambda r: self._recv_upload(r, round_id, outcome), deadline, outcome
+        )
+        await self._reset_lost_uploads(uploaders, uploads, outcome)
+        self._apply(uploads, offers, outcome)
+        outcome.seconds = time.perf_counter() - started
+        self.state.round += 1
+        return outcome
+
+    async def _each(
+        self,
+        records: Sequence[WorkerRecord],
+        step: Callable[[WorkerRecord], Awaitable[T]],
+        deadline: float,
+        outcome: RoundOutcome,
+    ) -> dict[WorkerRecord, T]:
+        """Run `step` for every worker concurrently until the deadline; failures are recorded."""
+        if not records:
+            return {}
+        loop = asyncio.get_running_loop()
+        tasks = {asyncio.ensure_future(step(r)): r for r in records}
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        results: dict[WorkerRecord, T] = {}
+        for task, record in tasks.items():
+            if task in pending:
+                self._fail(record, "deadline", outcome)
+                continue
+            error = task.exception()
+            if error is None:
+                results[record] = task.result()
+            elif isinstance(error, _Failure):
+                self._fail(record, error.reason, outcome)
+            elif isinstance(error, LinkClosed):
+                self._fail(record, "disconnected", outcome)
+            elif isinstance(error, ProtocolViolation):
+                await self._reject(record, error)
+                self._fail(record, f"rejected: {error.reason}", outcome)
+            else:
+                raise error
+        return results
+
+    def _fail(self, record: WorkerRecord, reason: str, outcome: RoundOutcome) -> None:
+        outcome.failed[record.worker_id] = reason
+        record.failures += 1
+        log.warning("worker failed the round", worker=record.worker_id, reason=reason)
+
+    async def _reject(self, record: WorkerRecord, violation: ProtocolViolation) -> None:
+        self.rejected[violation.code] = self.rejected.get(violation.code, 0) + 1
+        log.error(
+            "protocol violation: session rejected",
+            worker=record.worker_id,
+            code=violation.code,
+            reason=violation.reason,
+        )
+        link = record.link
+        if link is not None:
+            self.registry.detach(link)
+            await link.reject(violation)
+
+    # ------------------------------------------------------------ phases
+
+    async def _send(self, record: WorkerRecord, message: object, outcome: RoundOutcome) -> None:
+        link = record.link
+        if link is None:
+            raise LinkClosed("not connected")
+        outcome.wire_bytes += await link.send(message)  # type: ignore[arg-type]
+
+    async def _send_round_start(
+        self, record: WorkerRecord, downlink: object, outcome: RoundOutcome
+    ) -> None:
+        encoded, _ = downlink.payload_for(record.download_version)  # type: ignore[attr-defined]
+        groups = group_chunks(split_tensors(encoded))
+        for part, group in enumerate(groups):
+            await self._send(
+                record,
+                RoundStart(
+                    round=self.state.round,
+                    config=self.settings.round_config,
+                    lazy_scalar=self.state.lazy_scalar,
+                    download_ref_version=downlink.version,  # type: ignore[attr-defined]
+                    part=part,
+                    parts=len(groups),
+                    tensors=tuple(group),
+                ),
+                outcome,
+            )
+        outcome.downlink_bits += sum(e.cost_bits() for e in encoded)
+        record.download_version = downlink.version  # type: ignore[attr-defined]
+
+    async def _next(
+        self, record: WorkerRecord, round_id: int, outcome: RoundOutcome, expected: tuple[type, ...]
+    ) -> WorkerMessage:
+        """The worker's next message for this round; heartbeats and stale messages are absorbed."""
+        link = record.link
+        if link is None:
+            raise LinkClosed("not connected")
+        while True:
+            received = await link.recv()
+            outcome.wire_bytes += received.wire_bytes
+            record.seen()
+            message = received.message
+            if isinstance(message, Heartbeat | EvalResult):
+                continue
+            message_round = getattr(message, "round", None)
+            if message_round is not None and message_round < round_id:
+                log.info(
+                    "late message discarded",
+                    worker=record.worker_id,
+                    kind=type(message).__name__,
+                    message_round=message_round,
+                )
+                continue
+            if message_round is not None and message_round > round_id:
+                raise ProtocolViolation(
+                    "INVALID_ARGUMENT", f"message for round {message_round} during round {round_id}"
+                )
+            if not isinstance(message, expected):
+                raise ProtocolViolation(
+                    "FAILED_PRECONDITION",
+                    f"expected {' or '.join(t.__name__ for t in expected)}, "
+                    f"got {type(message).__name__}",
+                )
+            return message
+
+    async def _recv_offer(
+        self, record: WorkerRecord, round_id: int, outcome: RoundOutcome
+    ) -> UploadOffer:
+        message = await self._next(record, round_id, outcome, (UploadOffer, Skip))
+        if isinstance(message, Skip):
+            raise _Failure(f"worker skipped: {message.reason}")
+        assert isinstance(message, UploadOffer)
+        if message.wants_upload and message.cost_bits <= 0:
+            raise ProtocolViolation("INVALID_ARGUMENT", "offer wants to upload with cost_bits 0")
+        record.recent_losses.append(message.train_loss)
+        return message
+
+    def _select(self, offers: dict[WorkerRecord, UploadOffer], outcome: RoundOutcome) -> set[str]:
+        candidates = [
+            Offer(
+                worker_id=r.worker_id,
+                wants_upload=o.wants_upload,
+                cost_bits=o.cost_bits,
+                energy=o.energy,
+                forced=o.forced,
+            )
+            for r, o in offers.items()
+        ]
+        selection = select_uploads(
+            candidates,
+            sel_clients=self.settings.sel_clients,
+            up_budget_bits=self.settings.up_budget_bits,
+        )
+        for worker_id, reason in selection.denied.items():
+            if reason == "lazy":
+                outcome.skipped.append(worker_id)
+            else:
+                outcome.denied[worker_id] = reason
+        return set(selection.granted)
+
+    async def _send_decision(
+        self, record: WorkerRecord, granted: set[str], outcome: RoundOutcome
+    ) -> None:
+        worker = record.worker_id
+        ok = worker in granted
+        reason = "granted" if ok else outcome.denied.get(worker, "lazy")
+        await self._send(
+            record,
+            Decision(
+                round=self.state.round,
+                granted=ok,
+                reason=reason,
+                upload_ref_version=self.state.store.version(worker) + (1 if ok else 0),
+            ),
+            outcome,
+        )
+        if not ok:
+            record.skips += 1
+
+    async def _recv_upload(
+        self, record: WorkerRecord, round_id: int, outcome: RoundOutcome
+    ) -> list[EncodedTensor]:
+        shapes = [tuple(w.shape) for w in self.state.weights]
+        reassembler = Reassembler(expected_shapes=shapes)
+        version = self.state.store.version(record.worker_id)
+        while not reassembler.complete:
+            message = await self._next(record, round_id, outcome, (UpdateChunk,))
+            assert isinstance(message, UpdateChunk)
+            if message.upload_ref_version != version:
+                raise ProtocolViolation(
+                    "FAILED_PRECONDITION",
+                    f"upload against reference version {message.upload_ref_version}, "
+                    f"master holds {version}",
+                )
+            try:
+                for chunk in message.tensors:
+                    reassembler.add(chunk)
+            except CodecError as error:
+                raise ProtocolViolation("INVALID_ARGUMENT", str(error)) from error
+        try:
+            encoded = reassembler.finish()
+            self.state.check_upload_codec(encoded)
+        except (CodecError, ValueError) as error:
+            raise ProtocolViolation("INVALID_ARGUMENT", str(error)) from error
+        return encoded
+
+    async def _reset_lost_uploads(
+        self,
+        uploaders: list[WorkerRecord],
+        uploads: dict[WorkerRecord, list[EncodedTensor]],
+        outcome: RoundOutcome,
+    ) -> None:
+        """A granted upload that never fully arrived: the worker may have advanced its reference,
+        the master has not. Reset both sides explicitly rather than let them drift apart."""
+        for record in uploaders:
+            if record in uploads:
+                continue
+            self.state.store.reset(record.worker_id)
+            log.warning(
+                "granted upload lost: reference reset",
+                worker=record.worker_id,
+                reason=outcome.failed.get(record.worker_id, "?"),
+            )
+            if record.link is not None:
+                try:
+                    await self._send(
+                        record,
+                        ResetReference(
+                            round=self.state.round,
+                            reason="granted upload did not arrive",
+                            upload_ref_version=0,
+                            download_ref_version=self.state.downlink.version,
+                        ),
+                        outcome,
+                    )
+                except LinkClosed:
+                    pass
+
+    def _apply(
+        self,
+        uploads: dict[WorkerRecord, list[EncodedTensor]],
+        offers: dict[WorkerRecord, UploadOffer],
+        outcome: RoundOutcome,
+    ) -> None:
+        for record, encoded in sorted(uploads.items(), key=lambda item: item[0].worker_id):
+            bits = sum(e.cost_bits() for e in encoded)
+            self.state.store.apply_upload(record.worker_id, encoded)
+            record.uplink_bits += bits
+            record.uploads += 1
+            record.last_upload_round = self.state.round
+            outcome.uplink_bits += bits
+            outcome.selected.append(record.worker_id)
+        samples = {r.worker_id: r.num_samples for r in self.registry.all()}
+        step = self.state.step(samples, fresh=set(outcome.selected))
+        outcome.weights = step.weights
+        outcome.weights_source = step.source
+        outcome.lazy_scalar = self.state.lazy_scalar
+        outcome.train_loss = _weighted_loss(offers)
+
+
+def _weighted_loss(offers: dict[WorkerRecord, UploadOffer]) -> float:
+    total = sum(o.num_samples for o in offers.values())
+    if total == 0:
+        return float("nan")
+    return float(np.sum([o.train_loss * o.num_samples for o in offers.values()]) / total)
+
+
+async def _close_quietly(link: WorkerLink, goodbye: Shutdown) -> None:
+    try:
+        await link.send(goodbye)
+    except LinkClosed:
+        pass
+    await link.close()

@@ -1,0 +1,168 @@
+"""Everything the master builds from a Config: state, engine, registry, evaluation, result rows.
+
+The daemon and `flq simulate` both start here, so a simulation is the same federation minus the
+sockets. Building it loads the test split and the initial model, which imports TensorFlow (the
+master evaluates the global model); that happens in a thread, after the server can already say
+it is starting.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from flq.config import Config
+from flq.master.engine import EngineSettings, RoundEngine, RoundOutcome
+from flq.master.registry import Registry
+from flq.master.state import MasterState, algorithm_settings_from
+from flq.types import RoundConfig
+
+
+def round_config_from(cfg: Config) -> RoundConfig:
+    """What the master dictates to every worker each round."""
+    algo, lazy, model = cfg.flq_algorithm, cfg.lazy_selection, cfg.model
+    return RoundConfig(
+        mode=algo.mode,
+        b_up=algo.b_up,
+        b_down=algo.b_down,
+        local_steps=model.local_steps,
+        local_epochs=model.local_epochs,
+        batch_size=cfg.dataset.batch_size,
+        lr=model.lr,
+        l2=model.l2,
+        prox_mu=model.prox_mu,
+        thr_scale=lazy.thr_scale,
+        lazy_d=lazy.D,
+        lazy_ck=lazy.ck,
+        lazy_c=lazy.C,
+        warmup=lazy.warmup,
+        stochastic_rounding=algo.stochastic_rounding,
+        error_feedback=algo.error_feedback,
+        deadline_ms=int(cfg.system.round_timeout_s * 1000),
+        optimizer=model.optimizer,
+    )
+
+
+def engine_settings_from(cfg: Config) -> EngineSettings:
+    return EngineSettings(
+        round_config=round_config_from(cfg),
+        sel_clients=cfg.budget_selection.sel_clients,
+        up_budget_bits=cfg.budget_selection.up_budget_bits,
+        round_timeout_s=cfg.system.round_timeout_s,
+    )
+
+
+class ModelEvaluation(Protocol):
+    """Where the initial model comes from and how the global model is scored."""
+
+    initial_weights: list[np.ndarray]
+    parameters: int
+
+    def evaluate(self, weights: list[np.ndarray]) -> tuple[float, float]: ...
+
+
+class Evaluation:
+    """The master's test split and a model to score the global weights on (TensorFlow)."""
+
+    def __init__(self, cfg: Config) -> None:
+        from flq.learning.data import load_dataset
+        from flq.learning.models import build_model, count_parameters
+        from flq.learning.trainer import Evaluator
+
+        spec, _, test = load_dataset(
+            cfg.dataset.name,
+            cfg.dataset.data_dir,
+            test_fraction=cfg.dataset.test_fraction,
+            seed=cfg.system.seed,
+        )
+        model = build_model(
+            cfg.model.name,
+            spec.input_shape,
+            spec.num_classes,
+            hidden_units=cfg.model.hidden_units,
+            seed=cfg.system.seed,
+        )
+        self.initial_weights: list[np.ndarray] = [
+            np.asarray(w, np.float32) for w in model.get_weights()
+        ]
+        self.parameters = count_parameters(model)
+        self.evaluator = Evaluator(cfg.model.name, spec, test, hidden_units=cfg.model.hidden_units)
+
+    def evaluate(self, weights: list[np.ndarray]) -> tuple[float, float]:
+        loss, accuracy = self.evaluator.evaluate(weights)
+        return float(loss), float(accuracy)
+
+
+@dataclass
+class Federation:
+    cfg: Config
+    state: MasterState
+    registry: Registry
+    engine: RoundEngine
+    evaluation: ModelEvaluation
+    cum_uplink_bits: int = 0
+
+    @property
+    def parameters(self) -> int:
+        return self.evaluation.parameters
+
+    def should_evaluate(self, round_id: int) -> bool:
+        every = self.cfg.system.eval_every
+        return every > 0 and (round_id % every == 0 or round_id >= self.cfg.system.max_rounds)
+
+    def evaluate(self, weights: list[np.ndarray]) -> tuple[float, float]:
+        return self.evaluation.evaluate(weights)
+
+    def results_row(self, outcome: RoundOutcome, accuracy: float, loss: float) -> dict[str, Any]:
+        self.cum_uplink_bits += outcome.uplink_bits
+        return {
+            "round": outcome.round,
+            "accuracy": _fmt(accuracy),
+            "loss": _fmt(loss),
+            "selected": len(outcome.selected),
+            "skipped": len(outcome.skipped),
+            "failed": len(outcome.failed),
+            "uplink_bits": outcome.uplink_bits,
+            "downlink_bits": outcome.downlink_bits,
+            "wire_bytes": outcome.wire_bytes,
+            "seconds": f"{outcome.seconds:.4f}",
+            "denied": len(outcome.denied),
+            "fresh": ";".join(outcome.selected),
+            "participants": len(outcome.participants),
+            "train_loss": _fmt(outcome.train_loss),
+            "lazy_scalar": f"{outcome.lazy_scalar:.6g}",
+            "cum_uplink_bits": self.cum_uplink_bits,
+            "weights_source": outcome.weights_source,
+            "failures": ";".join(f"{w}:{why}" for w, why in sorted(outcome.failed.items())),
+        }
+
+
+def _fmt(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:.6f}"
+
+
+def synthetic_problem(cfg: Config) -> Any:
+    from flq.synthetic import SyntheticProblem
+
+    return SyntheticProblem(seed=cfg.system.seed)
+
+
+def synthetic_evaluation(cfg: Config) -> ModelEvaluation:
+    from flq.synthetic import SyntheticEvaluation
+
+    return SyntheticEvaluation(synthetic_problem(cfg))
+
+
+def build_federation(cfg: Config, evaluation: ModelEvaluation | None = None) -> Federation:
+    """The federation for `cfg`; `evaluation` replaces the TensorFlow model (tests, benches)."""
+    if evaluation is None:
+        evaluation = (
+            synthetic_evaluation(cfg) if cfg.dataset.name == "synthetic" else Evaluation(cfg)
+        )
+    state = MasterState(evaluation.initial_weights, algorithm_settings_from(cfg))
+    registry = Registry()
+    engine = RoundEngine(state, registry, engine_settings_from(cfg))
+    return Federation(cfg, state, registry, engine, evaluation)

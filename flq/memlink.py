@@ -1,0 +1,119 @@
+"""In-memory transport: a pair of queues standing in for one gRPC stream.
+
+Used by `flq simulate` and the engine's unit tests. Messages stay domain objects, but each one's
+wire size is measured through serde exactly as the gRPC transport measures it, so bits and bytes
+in a simulation equal what the daemons would put on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from flq import serde
+from flq.link import LinkClosed, ProtocolViolation, Received, ReceivedByWorker
+from flq.types import MasterMessage, WorkerMessage
+
+T = TypeVar("T")
+_CLOSED = object()
+_session_numbers = itertools.count(1)
+
+
+@dataclass
+class _Pipe(Generic[T]):
+    """One direction: a queue plus a closed flag, so a late send fails instead of vanishing."""
+
+    queue: asyncio.Queue[tuple[object, int]] = field(default_factory=asyncio.Queue)
+    closed: bool = False
+    violation: ProtocolViolation | None = None
+
+    def put(self, item: object, size: int) -> None:
+        if self.closed:
+            raise LinkClosed("memory link closed")
+        self.queue.put_nowait((item, size))
+
+    def close(self, violation: ProtocolViolation | None = None) -> None:
+        if not self.closed:
+            self.closed = True
+            self.violation = violation
+            self.queue.put_nowait((_CLOSED, 0))
+
+    async def get(self) -> tuple[object, int]:
+        item, size = await self.queue.get()
+        if item is _CLOSED:
+            self.queue.put_nowait((_CLOSED, 0))  # keep later readers failing too
+            if self.violation is not None:
+                raise LinkClosed(f"session ended by master: {self.violation}")
+            raise LinkClosed("memory link closed")
+        return item, size
+
+
+class MemoryWorkerLink:
+    """The master's end."""
+
+    def __init__(
+        self, worker_id: str, to_worker: _Pipe[MasterMessage], to_master: _Pipe[WorkerMessage]
+    ) -> None:
+        self._worker_id = worker_id
+        self._session_id = f"mem-{next(_session_numbers)}"
+        self._to_worker = to_worker
+        self._to_master = to_master
+        self.violations: list[ProtocolViolation] = []
+
+    @property
+    def worker_id(self) -> str:
+        return self._worker_id
+
+    @property
+    def session_id(self) -> str:
+        return self._session_id
+
+    async def send(self, message: MasterMessage) -> int:
+        size = serde.master_message_to_proto(message).ByteSize()
+        self._to_worker.put(message, size)
+        return size
+
+    async def recv(self) -> Received:
+        item, size = await self._to_master.get()
+        return Received(item, size)  # type: ignore[arg-type]
+
+    async def reject(self, violation: ProtocolViolation) -> None:
+        self.violations.append(violation)
+        self._to_worker.close(violation)
+        self._to_master.close()
+
+    async def close(self) -> None:
+        self._to_worker.close()
+        self._to_master.close()
+
+
+class MemoryMasterLink:
+    """The worker's end."""
+
+    def __init__(self, to_worker: _Pipe[MasterMessage], to_master: _Pipe[WorkerMessage]) -> None:
+        self._to_worker = to_worker
+        self._to_master = to_master
+
+    async def send(self, message: WorkerMessage) -> int:
+        size = serde.worker_message_to_proto(message).ByteSize()
+        self._to_master.put(message, size)
+        return size
+
+    async def recv(self) -> ReceivedByWorker:
+        item, size = await self._to_worker.get()
+        return ReceivedByWorker(item, size)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self._to_master.close()
+        self._to_worker.close()
+
+
+def memory_link_pair(worker_id: str) -> tuple[MemoryWorkerLink, MemoryMasterLink]:
+    to_worker: _Pipe[MasterMessage] = _Pipe()
+    to_master: _Pipe[WorkerMessage] = _Pipe()
+    return (
+        MemoryWorkerLink(worker_id, to_worker, to_master),
+        MemoryMasterLink(to_worker, to_master),
+    )

@@ -1,0 +1,1 @@
+"""The worker: session protocol, gRPC connection with reconnects, and the daemon around them."""

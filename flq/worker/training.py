@@ -1,0 +1,89 @@
+"""Build a worker's trainer from the config: device caps first, then its own data partition.
+
+This is the worker's only door to TensorFlow (through flq.learning), imported lazily by the daemon
+and the simulator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flq.config import Config
+from flq.learning.trainer import LocalTrainer, TrainResult, TrainSpec
+
+
+@dataclass
+class PartitionTrainer:
+    """A LocalTrainer plus the sample count the master weighs this worker by."""
+
+    trainer: LocalTrainer
+    num_samples: int
+
+    def train(self, weights: list[np.ndarray], spec: TrainSpec) -> TrainResult:
+        return self.trainer.train(weights, spec)
+
+
+def build_trainer(
+    cfg: Config, worker_id: str, partition_index: int | None = None
+) -> tuple[PartitionTrainer, str]:
+    """The trainer for `worker_id` and a short description of the accelerator it runs on."""
+    if cfg.dataset.name == "synthetic":
+        return _synthetic_trainer(cfg, worker_id, partition_index), "cpu (synthetic)"
+    from flq.learning.device import apply_device_caps
+    from flq.learning.partition import load_worker_partition, worker_index
+
+    caps = cfg.jetson_optimization
+    report = apply_device_caps(
+        gpu_memory_limit_mb=caps.gpu_memory_limit_mb,
+        memory_growth=caps.memory_growth,
+        mixed_precision=caps.enable_mixed_precision,
+    )
+    index = (
+        worker_index(worker_id, cfg.system.total_workers)
+        if partition_index is None
+        else partition_index
+    )
+    data = cfg.dataset
+    part = load_worker_partition(
+        data.name,
+        data.data_dir,
+        num_workers=cfg.system.total_workers,
+        index=index,
+        scheme=data.partition,
+        dir_alpha=data.dir_alpha,
+        shards_per_worker=data.shards_per_worker,
+        seed=cfg.system.seed,
+        test_fraction=data.test_fraction,
+    )
+    from flq.learning.data import load_dataset
+
+    spec, _, _ = load_dataset(
+        data.name, data.data_dir, test_fraction=data.test_fraction, seed=cfg.system.seed
+    )
+    trainer = LocalTrainer(
+        cfg.model.name,
+        spec,
+        part,
+        hidden_units=cfg.model.hidden_units,
+        seed=cfg.system.seed + index,
+        prefetch_size=caps.prefetch_size,
+        num_parallel_calls=caps.num_parallel_calls,
+    )
+    accelerator = f"gpu x{report.gpus}" if report.gpus else "cpu"
+    return PartitionTrainer(trainer, len(part.y)), accelerator
+
+
+def _synthetic_trainer(cfg: Config, worker_id: str, partition_index: int | None) -> Any:
+    from flq.learning.partition import worker_index
+    from flq.master.federation import synthetic_problem
+    from flq.synthetic import SyntheticTrainer
+
+    index = (
+        worker_index(worker_id, cfg.system.total_workers)
+        if partition_index is None
+        else partition_index
+    )
+    return SyntheticTrainer(synthetic_problem(cfg), index, delay_s=cfg.dataset.synthetic_train_s)

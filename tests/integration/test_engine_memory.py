@@ -1,0 +1,263 @@
+"""The round engine over the in-memory transport, with numpy workers (no TensorFlow).
+
+Real engine, real worker sessions, real codec; only the sockets are replaced by queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from flq.config import Config, default_config, with_overrides
+from flq.learning.trainer import TrainSpec
+from flq.link import ProtocolViolation
+from flq.master.federation import Federation, build_federation
+from flq.memlink import memory_link_pair
+from flq.serde import PROTOCOL_VERSION
+from flq.sim import simulate_async
+from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
+from flq.types import Hello, UpdateChunk, UploadOffer
+from flq.worker.session import SessionOptions, WorkerState, run_session
+
+PROBLEM = SyntheticProblem(dim=30, samples_per_worker=48, seed=3)
+
+
+def make_config(**overrides: Any) -> Config:
+    base = {
+        "system.total_workers": 3,
+        "system.min_workers": 3,
+        "system.max_rounds": 12,
+        "system.round_timeout_s": 5.0,
+        "model.lr": 0.05,
+        "model.local_steps": 1,
+        "dataset.batch_size": 16,
+        "flq_algorithm.b_down": 32,
+        "lazy_selection.warmup": 0,
+    }
+    base.update(overrides)
+    return with_overrides(default_config(), base)
+
+
+def run(
+    cfg: Config, tmp_path: Path, trainers: list[Any] | None = None
+) -> tuple[Federation, list[dict[str, Any]]]:
+    federation = build_federation(cfg, SyntheticEvaluation(PROBLEM))
+    workers = trainers or [SyntheticTrainer(PROBLEM, i) for i in range(cfg.system.total_workers)]
+    rows: list[dict[str, Any]] = []
+    asyncio.run(
+        simulate_async(cfg, tmp_path, on_round=rows.append, trainers=workers, federation=federation)
+    )
+    return federation, rows
+
+
+@pytest.mark.parametrize(
+    ("mode", "b_up", "bits_per_value"),
+    [("fedavg", 4, 32), ("laq8", 8, 8), ("bbit", 4, 4), ("bin", 1, 1)],
+)
+def test_each_mode_learns_and_counts_exactly_the_bits_it_received(
+    tmp_path: Path, mode: str, b_up: int, bits_per_value: int
+) -> None:
+    cfg = make_config(**{"flq_algorithm.mode": mode, "flq_algorithm.b_up": b_up})
+    _, rows = run(cfg, tmp_path)
+    losses = [float(r["loss"]) for r in rows]
+    assert losses[-1] < 0.5 * losses[0], losses
+    # Every round everyone uploads (lazy off): payload = ceil(n*b/8) bytes per tensor + headers.
+    per_worker = 0
+    for shape in ([PROBLEM.dim], [1]):
+        n = int(np.prod(shape))
+        scales = {"fedavg": 0, "laq8": 1, "bbit": 1, "bin": 1}[mode]
+        per_worker += 8 * math.ceil(n * bits_per_value / 8) + 16 + 32 * len(shape) + 32 * scales
+    for row in rows:
+        assert row["selected"] == 3 and row["failed"] == 0
+        assert row["uplink_bits"] == 3 * per_worker
+        assert row["wire_bytes"] > row["uplink_bits"] // 8
+
+
+def test_fedavg_one_step_equals_fedsgd_computed_directly(tmp_path: Path) -> None:
+    # Full-batch gradients make each worker's step deterministic, so the expected model is known.
+    cfg = make_config(
+        **{
+            "flq_algorithm.mode": "fedavg",
+            "system.max_rounds": 1,
+            "dataset.batch_size": PROBLEM.samples_per_worker,
+            "flq_algorithm.weighting": "samples",
+        }
+    )
+    trainers = [SyntheticTrainer(PROBLEM, i) for i in range(3)]
+    spec = TrainSpec(local_steps=1, batch_size=PROBLEM.samples_per_worker, lr=0.05)
+    w0 = PROBLEM.initial_weights()
+    reference = [SyntheticTrainer(PROBLEM, i).train(w0, spec).delta for i in range(3)]
+    expected = [w + sum(d[k] for d in reference) / 3 for k, w in enumerate(w0)]
+    federation, _ = run(cfg, tmp_path, trainers)
+    for got, want in zip(federation.state.weights, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_lazy_workers_skip_and_stale_reuse_keeps_learning(tmp_path: Path) -> None:
+    cfg = make_config(
+        **{
+            "flq_algorithm.mode": "bbit",
+            "lazy_selection.thr_scale": 2.0,
+            "lazy_selection.warmup": 2,
+            "lazy_selection.C": 5,
+            "system.max_rounds": 20,
+        }
+    )
+    federation, rows = run(cfg, tmp_path)
+    assert sum(r["skipped"] for r in rows) > 0
+    assert all(r["skipped"] == 0 for r in rows[:2])  # warm-up forces uploads
+    assert float(rows[-1]["loss"]) < 0.5 * float(rows[0]["loss"])
+    # Skipped workers' stored contributions still counted: every round aggregates all three.
+    assert set(federation.state.store.contributors()) == {"w0", "w1", "w2"}
+
+
+def test_budget_caps_uplink_bits_per_round(tmp_path: Path) -> None:
+    one_upload = 8 * math.ceil(PROBLEM.dim * 4 / 8) + 16 + 32 + 32 + 8 + 16 + 32 + 32
+    cfg = make_config(
+        **{"flq_algorithm.mode": "bbit", "budget_selection.up_budget_bits": 2 * one_upload + 1}
+    )
+    _, rows = run(cfg, tmp_path)
+    assert all(r["uplink_bits"] <= 2 * one_upload + 1 for r in rows)
+    assert all(r["selected"] == 2 and r["denied"] == 1 for r in rows)
+
+
+def test_master_and_worker_references_stay_identical(tmp_path: Path) -> None:
+    cfg = make_config(
+        **{
+            "flq_algorithm.mode": "bbit",
+            "lazy_selection.thr_scale": 1.0,
+            "budget_selection.sel_clients": 2,
+            "system.max_rounds": 8,
+        }
+    )
+
+    async def scenario() -> tuple[Federation, list[WorkerState]]:
+        federation = build_federation(cfg, SyntheticEvaluation(PROBLEM))
+        states = [WorkerState(f"w{i}") for i in range(3)]
+        tasks = []
+        for i, state in enumerate(states):
+            master_end, worker_end = memory_link_pair(state.worker_id)
+            tasks.append(
+                asyncio.create_task(
+                    run_session(
+                        state,
+                        SyntheticTrainer(PROBLEM, i),
+                        worker_end,
+                        SessionOptions(heartbeat_interval_s=math.inf),
+                    )
+                )
+            )
+            await federation.engine.accept(master_end)
+        for _ in range(cfg.system.max_rounds):
+            await federation.engine.run_round()
+        await asyncio.sleep(0.05)  # let the last round's commits land worker-side
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return federation, states
+
+    federation, states = asyncio.run(scenario())
+    store = federation.state.store
+    for state in states:
+        assert state.upload is not None
+        assert store.version(state.worker_id) == state.upload.version
+        stored = store.contribution(state.worker_id)
+        if state.upload.version == 0:
+            assert stored is None
+            continue
+        assert stored is not None
+        for master_q, worker_q in zip(stored, state.upload.q_hat, strict=True):
+            np.testing.assert_array_equal(master_q, worker_q)
+
+
+def test_a_worker_past_the_deadline_fails_the_round_without_stalling_it(tmp_path: Path) -> None:
+    cfg = make_config(**{"system.round_timeout_s": 0.5, "system.max_rounds": 3})
+    trainers = [
+        SyntheticTrainer(PROBLEM, 0),
+        SyntheticTrainer(PROBLEM, 1),
+        SyntheticTrainer(PROBLEM, 2, delay_s=2.0),
+    ]
+    _, rows = run(cfg, tmp_path, trainers)
+    assert len(rows) == 3
+    assert all(r["failed"] >= 1 and "w2:deadline" in r["failures"] for r in rows)
+    assert all(float(r["seconds"]) < 1.5 for r in rows)
+    assert all(r["selected"] == 2 for r in rows)
+
+
+async def _master_with_one_raw_worker(cfg: Config) -> tuple[Federation, Any, Any]:
+    federation = build_federation(cfg, SyntheticEvaluation(PROBLEM))
+    master_end, worker_end = memory_link_pair("w0")
+    await worker_end.send(Hello("w0", PROTOCOL_VERSION, 10))
+    await federation.engine.accept(master_end)
+    await worker_end.recv()  # Welcome
+    return federation, master_end, worker_end
+
+
+@pytest.mark.parametrize("bad", ["future_round", "wrong_version", "wrong_shape", "upload_unasked"])
+def test_out_of_protocol_messages_are_rejected_and_change_nothing(bad: str) -> None:
+    cfg = make_config(
+        **{"system.total_workers": 1, "system.min_workers": 1, "system.round_timeout_s": 2.0}
+    )
+
+    async def scenario() -> tuple[Federation, Any, list[np.ndarray], Any]:
+        federation, master_end, worker_end = await _master_with_one_raw_worker(cfg)
+        before = [w.copy() for w in federation.state.weights]
+        round_task = asyncio.create_task(federation.engine.run_round())
+        await worker_end.recv()  # RoundStart
+        trainer = SyntheticTrainer(PROBLEM, 0)
+        prepared = _prepared_upload(cfg, trainer)
+        if bad == "future_round":
+            await worker_end.send(UploadOffer(5, True, prepared.cost_bits, 1.0, 0, False))
+        elif bad == "upload_unasked":
+            from flq.codec import split_tensors
+
+            await worker_end.send(UpdateChunk(1, 0, tuple(split_tensors(prepared.encoded))))
+        else:
+            await worker_end.send(UploadOffer(1, True, prepared.cost_bits, 1.0, 0, False))
+            await worker_end.recv()  # Decision: granted
+            from flq.codec import encode_laq_grid, split_tensors
+
+            encoded = list(prepared.encoded)
+            version = 0
+            if bad == "wrong_version":
+                version = 7
+            else:
+                encoded[0] = encode_laq_grid(np.ones(PROBLEM.dim + 1, np.float32), 4)
+            await worker_end.send(UpdateChunk(1, version, tuple(split_tensors(encoded))))
+        outcome = await round_task
+        return federation, outcome, before, master_end
+
+    federation, outcome, before, master_end = asyncio.run(scenario())
+    assert "w0" in outcome.failed and outcome.failed["w0"].startswith("rejected")
+    assert master_end.violations, "the session must end with a status"
+    assert outcome.uplink_bits == 0
+    for got, want in zip(federation.state.weights, before, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def _prepared_upload(cfg: Config, trainer: SyntheticTrainer) -> Any:
+    from flq.algorithm import UploadReference
+    from flq.master.federation import round_config_from
+
+    weights = PROBLEM.initial_weights()
+    reference = UploadReference.from_round_config(
+        [w.shape for w in weights], round_config_from(cfg)
+    )
+    delta = trainer.train(weights, TrainSpec(local_steps=1, batch_size=16, lr=0.05)).delta
+    return reference.prepare(delta, 0, np.random.default_rng(0))
+
+
+def test_a_first_message_other_than_hello_is_refused() -> None:
+    async def scenario() -> None:
+        federation = build_federation(make_config(), SyntheticEvaluation(PROBLEM))
+        master_end, worker_end = memory_link_pair("w0")
+        await worker_end.send(UploadOffer(1, True, 10, 1.0, 0, False))
+        with pytest.raises(ProtocolViolation, match="first message must be Hello"):
+            await federation.engine.accept(master_end)
+
+    asyncio.run(scenario())

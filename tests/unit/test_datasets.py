@@ -6,7 +6,6 @@ import gzip
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -192,17 +191,15 @@ def test_decoded_arrays_are_cached_read_only_and_refreshed_when_the_file_changes
     assert len(changed) == 7
 
 
-@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
-def test_fashion_mnist_loads_fast_from_the_debian_package() -> None:
-    began = time.perf_counter()
+def test_fashion_mnist_loads_from_the_debian_package() -> None:
+    # `make test` installs dataset-fashion-mnist (Makefile: system-deps); its load speed is
+    # measured in bench/, not asserted here.
+    assert FASHION_DIR.is_dir(), f"{FASHION_DIR} missing: run `make system-deps`"
     spec, train, test = load_dataset("fashion-mnist")
-    seconds = time.perf_counter() - began
     assert spec.input_shape == (28, 28, 1) and spec.num_classes == 10
     assert train.x.shape == (60000, 28, 28, 1) and test.x.shape == (10000, 28, 28, 1)
     assert np.bincount(train.y).tolist() == [6000] * 10
     assert float(train.x.max()) == 1.0
-    # ~0.4 s measured; the bound is loose for a shared 2-core machine but catches a Python loop.
-    assert seconds < 3.0
 
 
 # --- npz -----------------------------------------------------------------------------------------

@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 
 import pytest
-from flq.codec.chunks import MAX_CHUNK_BYTES, TensorChunk
 from hypothesis import given
 from hypothesis import strategies as st
 
 from flq import serde
 from flq.codec import Codec
+from flq.codec.chunks import MAX_CHUNK_BYTES, TensorChunk
 from flq.pb import flq_pb2 as pb
 from flq.types import (
     Decision,

@@ -25,6 +25,17 @@ ConfigFile = Annotated[
 ]
 
 
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+) -> None:
+    """FLQ: federated learning with quantized, lazily aggregated updates for edge boards."""
+    from flq.log import configure_logging, quiet_third_party_env
+
+    quiet_third_party_env()
+    configure_logging("info" if verbose else "warning")
+
+
 @app.command()
 def version() -> None:
     """Print FLQ's version."""

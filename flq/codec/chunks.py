@@ -8,6 +8,7 @@ carry more bytes than that header implies, so a bad peer cannot make it buffer w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -172,9 +173,7 @@ class Reassembler:
                 raise CodecError(f"shape: got {shape}, expected {expected_shape}")
         if any(d < 0 for d in shape):
             raise CodecError(f"shape: got {shape}, expected dims >= 0")
-        size = 1
-        for dim in shape:
-            size *= dim
+        size = math.prod(shape)
         return _Partial(first=chunk, expected_bytes=payload_bytes(chunk.codec, chunk.bits, size))
 
     def _assemble(self, index: int, partial: _Partial) -> EncodedTensor:

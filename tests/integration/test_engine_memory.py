@@ -261,3 +261,30 @@ def test_a_first_message_other_than_hello_is_refused() -> None:
             await federation.engine.accept(master_end)
 
     asyncio.run(scenario())
+
+
+def test_heartbeats_keep_a_training_worker_seen() -> None:
+    cfg = make_config(**{"system.total_workers": 1, "system.min_workers": 1})
+
+    async def scenario() -> tuple[float, float, float]:
+        federation = build_federation(cfg, SyntheticEvaluation(PROBLEM))
+        master_end, worker_end = memory_link_pair("w0")
+        slow = SyntheticTrainer(PROBLEM, 0, delay_s=0.8)
+        session = asyncio.create_task(
+            run_session(
+                WorkerState("w0"), slow, worker_end, SessionOptions(heartbeat_interval_s=0.1)
+            )
+        )
+        record = await federation.engine.accept(master_end)
+        connected_at = record.last_seen
+        round_task = asyncio.create_task(federation.engine.run_round())
+        await asyncio.sleep(0.5)  # the worker is still inside train()
+        mid_training = record.last_seen
+        await round_task
+        session.cancel()
+        await asyncio.gather(session, return_exceptions=True)
+        return connected_at, mid_training, record.last_seen
+
+    connected_at, mid_training, after = asyncio.run(scenario())
+    assert mid_training > connected_at + 0.2, "heartbeats must arrive while the worker trains"
+    assert after >= mid_training

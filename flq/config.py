@@ -37,6 +37,7 @@ ServerOptimizer = Literal["avg", "sgd", "adam", "yogi", "adagrad"]
 Weighting = Literal["samples", "uniform", "llm"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
+LlmProvider = Literal["gemini"]
 
 URL_SCHEMES = ("http", "grpc")  # the scheme is decoration: the transport is always gRPC
 _RULE_KEY = "flq"  # where a field's Rule lives in its dataclass metadata
@@ -437,6 +438,152 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """TLS, worker tokens, admin token: file paths and a variable name, never the secrets."""
+
+    tls_cert: str = field(
+        default="",
+        metadata=rule("Server certificate (PEM) for TLS on the gRPC port; empty = no TLS."),
+    )
+    tls_key: str = field(
+        default="", metadata=rule("Private key (PEM) of tls_cert; file mode 0600.")
+    )
+    tls_ca: str = field(
+        default="",
+        metadata=rule(
+            "CA certificate (PEM) that worker and admin client certificates must chain to."
+        ),
+    )
+    require_client_cert: bool = field(
+        default=False,
+        metadata=rule(
+            "Mutual TLS: refuse clients without a certificate signed by tls_ca; a worker's "
+            "certificate common name must then equal its worker id."
+        ),
+    )
+    tokens_file: str = field(
+        default="",
+        metadata=rule(
+            "File of `worker_id token` lines (token plain or `sha256:<hex>`); workers must send "
+            "theirs; empty = no worker tokens."
+        ),
+    )
+    admin_token_env: str = field(
+        default="FLQ_ADMIN_TOKEN",
+        metadata=rule(
+            "Environment variable holding the admin token (plain or `sha256:<hex>`) that Status, "
+            "Stop and GetGlobalModel require; unset or empty variable = admin RPCs open."
+        ),
+    )
+
+
+def _env_name_problem(value: Any) -> str | None:
+    if not value or not (value[0].isalpha() or value[0] == "_"):
+        return "expected an environment variable name such as GEMINI_API_KEY"
+    if not all(char.isalnum() or char == "_" for char in value):
+        return "expected letters, digits and underscores only"
+    return None
+
+
+def _http_url_problem(value: Any) -> str | None:
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "expected empty or an http(s)://host[:port][/path] URL"
+    return _endpoint_problem(value) if parts.port is not None else None
+
+
+def _layer_list_problem(value: Any) -> str | None:
+    names = [name.strip() for name in value.split(",")]
+    if not value.strip() or any(not name for name in names):
+        return 'expected "all_dense" or comma-separated layer names, e.g. "hidden,probs"'
+    if "all_dense" in names and len(names) > 1:
+        return '"all_dense" already names every Dense layer; list names or use it alone'
+    return None
+
+
+@dataclass(frozen=True)
+class LlmConfig:
+    """Aggregation weights proposed by an LLM (flq_algorithm.weighting = "llm"; extra `llm`).
+
+    The API key is read from the environment variable named by api_key_env, never from this file.
+    Any failure (timeout, HTTP error, invalid answer, low confidence) falls back to sample-count
+    weights for that round, with the reason recorded in the results."""
+
+    provider: LlmProvider = field(default="gemini", metadata=rule("LLM provider."))
+    model: str = field(
+        default="gemini-2.5-flash",
+        metadata=rule("Model name the provider serves.", check=_non_empty, allowed="non-empty"),
+    )
+    api_key_env: str = field(
+        default="GEMINI_API_KEY",
+        metadata=rule(
+            "Environment variable holding the API key (the key itself never goes in a file).",
+            check=_env_name_problem,
+            allowed="an environment variable name",
+        ),
+    )
+    cache_rounds: int = field(
+        default=5,
+        metadata=rule(
+            "Ask the model every N rounds and reuse its weights in between (1 = every round).",
+            minimum=1,
+        ),
+    )
+    min_confidence: float = field(
+        default=0.5,
+        metadata=rule(
+            "Answers with a lower self-reported confidence fall back to sample weights.",
+            minimum=0,
+            maximum=1,
+        ),
+    )
+    timeout_s: float = field(
+        default=10.0,
+        metadata=rule("The round waits at most this long (s) for the model's answer.", above=0),
+    )
+    max_clients_in_prompt: int = field(
+        default=50,
+        metadata=rule(
+            "Most contributors one prompt describes; more fall back to sample weights.", minimum=1
+        ),
+    )
+    base_url: str = field(
+        default="",
+        metadata=rule(
+            "API endpoint (a proxy or a compatible server); empty = FLQ_LLM_BASE_URL from the "
+            "environment, else the provider's own.",
+            check=_http_url_problem,
+            allowed="empty or http(s)://host[:port][/path]",
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA-only federation: target Dense layers get low-rank adapters, every base weight stays
+    frozen (identical on every node by seed), and only the adapters are trained and sent."""
+
+    rank: int = field(
+        default=0, metadata=rule("Adapter rank; 0 = LoRA off (the whole model travels).", minimum=0)
+    )
+    alpha: float = field(
+        default=0.0,
+        metadata=rule("Adapter scale numerator (scale = alpha / rank); 0 = rank.", minimum=0),
+    )
+    target_layers: str = field(
+        default="all_dense",
+        metadata=rule(
+            'Dense layers that get adapters: "all_dense", or comma-separated layer names '
+            "(mlp: hidden, probs; cnn: fc, probs; logreg: probs).",
+            check=_layer_list_problem,
+            allowed='"all_dense" or names',
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole config: one frozen dataclass per section of the file."""
 
@@ -448,6 +595,9 @@ class Config:
     budget_selection: BudgetConfig = field(default_factory=BudgetConfig)
     jetson_optimization: JetsonConfig = field(default_factory=JetsonConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    llm: LlmConfig = field(default_factory=LlmConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 @dataclass(frozen=True)
@@ -725,6 +875,11 @@ def _cross_field_problems(cfg: Config) -> Iterator[str]:
             f"system.min_workers = {system.min_workers} is more than system.total_workers = "
             f"{system.total_workers}; the master would wait for workers that never come"
         )
+    security = cfg.security
+    if bool(security.tls_cert) != bool(security.tls_key):
+        yield "security.tls_cert and security.tls_key must be set together"
+    if security.require_client_cert and not (security.tls_ca and security.tls_cert):
+        yield "security.require_client_cert needs security.tls_ca and security.tls_cert"
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:

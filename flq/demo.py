@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ class DemoOptions:
     thr_scale: float = 0.5
     budget_bits: float = 0.0
     weighting: str = "samples"
+    lora_rank: int = 0  # > 0: LoRA-only federation (adapters on every Dense layer)
     out: Path | None = None
     base_config: Path | None = None
     timeout_s: float = 900.0
@@ -55,6 +57,11 @@ class DemoSummary:
     skipped_uploads: int
     failed: int
     seconds: float
+    total_parameters: int = 0
+    exchanged_parameters: int = 0  # < total with LoRA: only the adapters travel
+    uplink_bytes_per_upload: float = 0.0
+    full_model_uplink_bytes_per_upload: float = 0.0  # the whole model with the same codec
+    weights_sources: dict[str, int] = field(default_factory=dict)  # rounds per weights source
 
 
 def demo_config(options: DemoOptions) -> Config:
@@ -85,6 +92,7 @@ def demo_config(options: DemoOptions) -> Config:
             "flq_algorithm.b_up": options.b_up,
             "flq_algorithm.b_down": options.b_down,
             "flq_algorithm.weighting": options.weighting,
+            "lora.rank": options.lora_rank,
             "lazy_selection.thr_scale": options.thr_scale if options.lazy else 0.0,
             "budget_selection.up_budget_bits": options.budget_bits,
             **options.extra,
@@ -247,6 +255,13 @@ def summarize(run_dir: Path, cfg: Config, seconds: float) -> DemoSummary:
         skipped_uploads=sum(int(r["skipped"]) for r in rows),
         failed=sum(int(r["failed"]) for r in rows),
         seconds=seconds,
+        total_parameters=int(master_summary.get("total_parameters", parameters)),
+        exchanged_parameters=int(master_summary.get("exchanged_parameters", parameters)),
+        uplink_bytes_per_upload=float(master_summary.get("uplink_bytes_per_upload", 0.0)),
+        full_model_uplink_bytes_per_upload=float(
+            master_summary.get("full_model_uplink_bytes_per_upload", 0.0)
+        ),
+        weights_sources=dict(Counter(r.get("weights_source", "") for r in rows)),
     )
     merged = {**master_summary, "demo": asdict(summary), "config": config_to_dict(cfg)}
     (run_dir / "summary.json").write_text(json.dumps(merged, indent=2) + "\n")

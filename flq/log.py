@@ -36,6 +36,13 @@ def configure_logging(
     level: str = "info", fmt: LogFormat = "auto", stream: TextIO | None = None
 ) -> None:
     out = stream if stream is not None else sys.stderr
+    # Without an explicit stream, look sys.stderr up at every write: a stream captured now may be
+    # replaced or closed later (test runners, daemonisation), and logging must follow it.
+    factory = (
+        structlog.PrintLoggerFactory(file=stream)
+        if stream is not None
+        else (lambda *_: structlog.PrintLogger(file=sys.stderr))
+    )
     if level not in LEVELS:
         raise ValueError(f"log level: got {level!r}, expected one of {sorted(LEVELS)}")
     use_console = fmt == "console" or (fmt == "auto" and out.isatty())
@@ -54,6 +61,6 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )

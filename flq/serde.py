@@ -10,7 +10,7 @@ to the master and worker, which know the state.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from flq.codec import Codec
@@ -25,6 +25,7 @@ from flq.types import (
     Location,
     MasterMessage,
     ModelChunk,
+    ModelInfo,
     ResetReference,
     RoundConfig,
     RoundStart,
@@ -42,6 +43,8 @@ PROTOCOL_VERSION = 1
 MAX_TENSOR_DIMS = 8
 MAX_SCALES = 4
 MAX_ID_LENGTH = 128
+MAX_FEATURES = 32  # Hello.features entries
+MAX_FEATURE_NAME = 64
 SUPPORTED_DTYPES = frozenset({"float32"})
 
 
@@ -225,7 +228,22 @@ def hello_to_proto(msg: Hello) -> pb.Hello:
         location=location_to_proto(msg.location),
         upload_ref_version=msg.upload_ref_version,
         download_ref_version=msg.download_ref_version,
+        features=dict(msg.features),
     )
+
+
+def _features(features: Mapping[str, float]) -> dict[str, float]:
+    if len(features) > MAX_FEATURES:
+        raise WireError(f"hello.features: got {len(features)}, expected at most {MAX_FEATURES}")
+    checked = {}
+    for name, value in sorted(features.items()):
+        if not name or len(name) > MAX_FEATURE_NAME or not name.isprintable():
+            raise WireError(
+                f"hello.features: name {name!r}, "
+                f"expected 1..{MAX_FEATURE_NAME} printable characters"
+            )
+        checked[name] = _finite(value, f"hello.features[{name!r}]")
+    return checked
 
 
 def hello_from_proto(msg: pb.Hello) -> Hello:
@@ -237,6 +255,7 @@ def hello_from_proto(msg: pb.Hello) -> Hello:
         location=location_from_proto(msg.location),
         upload_ref_version=msg.upload_ref_version,
         download_ref_version=msg.download_ref_version,
+        features=_features(msg.features),
     )
 
 
@@ -457,6 +476,32 @@ def worker_status_from_proto(msg: pb.WorkerStatus) -> WorkerStatus:
     )
 
 
+def model_info_to_proto(msg: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=msg.name,
+        dataset=msg.dataset,
+        hidden_units=msg.hidden_units,
+        input_shape=list(msg.input_shape),
+        num_classes=msg.num_classes,
+        parameters=msg.parameters,
+    )
+
+
+def model_info_from_proto(msg: pb.ModelInfo) -> ModelInfo:
+    if len(msg.input_shape) > MAX_TENSOR_DIMS:
+        raise WireError(
+            f"ModelInfo.input_shape: {len(msg.input_shape)} dims, max {MAX_TENSOR_DIMS}"
+        )
+    return ModelInfo(
+        name=msg.name,
+        dataset=msg.dataset,
+        hidden_units=msg.hidden_units,
+        input_shape=tuple(msg.input_shape),
+        num_classes=msg.num_classes,
+        parameters=msg.parameters,
+    )
+
+
 def status_reply_to_proto(msg: StatusReply) -> pb.StatusReply:
     return pb.StatusReply(
         round=msg.round,
@@ -470,6 +515,11 @@ def status_reply_to_proto(msg: StatusReply) -> pb.StatusReply:
         total_downlink_bits=msg.total_downlink_bits,
         workers=[worker_status_to_proto(w) for w in msg.workers],
         mode=msg.mode,
+        model=model_info_to_proto(msg.model),
+        aggregation_weights=msg.aggregation_weights,
+        weights_source=msg.weights_source,
+        llm_confidence=msg.llm_confidence,
+        llm_reasoning=msg.llm_reasoning,
     )
 
 
@@ -486,6 +536,11 @@ def status_reply_from_proto(msg: pb.StatusReply) -> StatusReply:
         total_downlink_bits=msg.total_downlink_bits,
         workers=tuple(worker_status_from_proto(w) for w in msg.workers),
         mode=msg.mode,
+        model=model_info_from_proto(msg.model),
+        aggregation_weights=dict(msg.aggregation_weights),
+        weights_source=msg.weights_source,
+        llm_confidence=msg.llm_confidence,
+        llm_reasoning=msg.llm_reasoning,
     )
 
 

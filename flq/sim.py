@@ -82,6 +82,7 @@ async def simulate_async(
     finally:
         books.close()
         await _disconnect(fed, sessions)
+        await fed.aclose()
     return SimResult(
         rounds=fed.state.round - 1,
         accuracy=books.last_accuracy,

@@ -6,6 +6,7 @@ converts between the two. Field names follow the proto so the mapping stays obvi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -20,6 +21,7 @@ __all__ = [
     "Location",
     "MasterMessage",
     "ModelChunk",
+    "ModelInfo",
     "ResetReference",
     "RoundConfig",
     "RoundStart",
@@ -90,6 +92,8 @@ class Hello:
     location: Location = field(default_factory=Location)
     upload_ref_version: int = 0
     download_ref_version: int = 0
+    # Optional traffic/usage numbers the board reports; an LLM weighting reads them.
+    features: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,18 @@ class WorkerStatus:
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """The global model's architecture, enough for a client to rebuild it (`flq model pull`)."""
+
+    name: str = ""
+    dataset: str = ""
+    hidden_units: int = 0
+    input_shape: tuple[int, ...] = ()  # empty: the model has no keras form (synthetic)
+    num_classes: int = 0
+    parameters: int = 0
+
+
+@dataclass(frozen=True)
 class StatusReply:
     round: int
     max_rounds: int
@@ -211,6 +227,11 @@ class StatusReply:
     total_downlink_bits: int
     workers: tuple[WorkerStatus, ...]
     mode: str
+    model: ModelInfo = field(default_factory=ModelInfo)
+    aggregation_weights: dict[str, float] = field(default_factory=dict)  # last round, normalised
+    weights_source: str = ""  # samples | uniform | llm | cache | fallback:<reason>
+    llm_confidence: float = math.nan
+    llm_reasoning: str = ""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,23 @@ R = TypeVar("R")
 EXIT_USAGE = 2  # bad config, bad option value: the user can fix the input
 EXIT_DATA = 3  # missing or corrupt data files
 EXIT_RUNTIME = 1  # anything else that went wrong while running
+EXIT_UNREACHABLE = 4  # the master could not be reached (down, wrong address, TLS handshake)
+EXIT_REFUSED = 5  # the master refused our token or certificate
+
+
+class AdminError(RuntimeError):
+    """An admin command failed; the message names the master's address."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class MasterUnreachable(AdminError):
+    exit_code = EXIT_UNREACHABLE
+
+
+class AccessRefused(AdminError):
+    exit_code = EXIT_REFUSED
+
 
 _stderr = Console(stderr=True, highlight=False)
 
@@ -23,11 +40,18 @@ def _exit_code(error: Exception) -> int | None:
     # Imported here so `flq --help` does not pay for modules a command does not use.
     from flq.codec import CodecError
     from flq.config import ConfigError
+    from flq.security import SecurityError
 
-    if isinstance(error, ConfigError | CodecError):
+    if isinstance(error, AdminError):
+        return error.exit_code
+    if isinstance(error, ConfigError | CodecError | SecurityError):
         return EXIT_USAGE
     if type(error).__name__ == "DataError":
         return EXIT_DATA
+    if type(error).__name__ == "CertsError":  # flq certs: bad ids, a file it will not overwrite
+        return EXIT_USAGE
+    if type(error).__name__ == "FatalConnectionError":  # the master refused this worker
+        return EXIT_REFUSED
     return None
 
 

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import typer
 
 from flq import __version__
+from flq.cli import admin, certs
 from flq.cli.errors import handle_errors
 
 app = typer.Typer(
@@ -19,6 +20,11 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Check and show FLQ config files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+# Admin RPCs (flq/cli/admin.py) and deployment secrets (flq/cli/certs.py).
+app.command("status")(admin.status)
+app.command("stop")(admin.stop)
+app.add_typer(admin.model_app, name="model")
+app.add_typer(certs.app, name="certs")
 
 ConfigFile = Annotated[
     Path, typer.Argument(help="Config file (.toml or .json), sectioned like the original FLQ.")
@@ -69,7 +75,7 @@ def config_show(
 
 
 Mode = Literal["fedavg", "laq8", "bbit", "bin"]
-Dataset = Literal["digits", "fashion-mnist", "mnist", "npz"]
+Dataset = Literal["digits", "fashion-mnist", "mnist", "npz", "synthetic"]
 ModelName = Literal["logreg", "mlp", "cnn"]
 Weighting = Literal["samples", "uniform", "llm"]
 
@@ -89,7 +95,13 @@ def demo(
     budget: Annotated[
         float, typer.Option(min=0.0, help="Uplink bit budget per round (0 = none).")
     ] = 0.0,
-    weighting: Annotated[Weighting, typer.Option(help="Aggregation weights.")] = "samples",
+    weighting: Annotated[
+        Weighting,
+        typer.Option(help="Aggregation weights (llm: needs $GEMINI_API_KEY; see [llm] config)."),
+    ] = "samples",
+    lora_rank: Annotated[
+        int, typer.Option(min=0, help="LoRA-only federation with this adapter rank (0 = off).")
+    ] = 0,
     config: Annotated[
         Path | None, typer.Option(help="Base config file; options above override it.")
     ] = None,
@@ -113,6 +125,7 @@ def demo(
         thr_scale=thr_scale,
         budget_bits=budget,
         weighting=weighting,
+        lora_rank=lora_rank,
         out=out,
         base_config=config,
     )

@@ -46,6 +46,15 @@ def run(
     log_format: Annotated[
         LogFormat | None, typer.Option(help="Override logging.log_format.")
     ] = None,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            min=0, max=65535, envvar="FLQ_METRICS_PORT", help="Serve Prometheus /metrics; 0 = off."
+        ),
+    ] = 0,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address the metrics endpoint binds.")
+    ] = "0.0.0.0",
 ) -> None:
     """Serve workers and run federated rounds until max_rounds, the target accuracy, or a stop."""
     from flq.cli.runtime import run_async, start
@@ -54,8 +63,18 @@ def run(
 
     cfg = load_config(config)
     start(cfg, log_level, log_format)
-    daemon = MasterDaemon(cfg, MasterOptions(host=host, port=port, resume=resume, run_dir=run_dir))
+    options = MasterOptions(
+        host=host,
+        port=port,
+        resume=resume,
+        run_dir=run_dir,
+        metrics_port=metrics_port or None,
+        metrics_host=metrics_host,
+    )
+    daemon = MasterDaemon(cfg, options)
     run_async(daemon.run())
+    if daemon.forced:
+        raise typer.Exit(130)  # stopped by a second signal: the round in flight was abandoned
 
 
 if __name__ == "__main__":

@@ -76,6 +76,19 @@ def _print_summary(summary: DemoSummary) -> None:
     table.add_row("uplink bits", f"{summary.uplink_bits:,d}")
     table.add_row("float32 FedAvg would send", f"{summary.float32_fedavg_bits:,d}")
     table.add_row("uplink vs float32", f"{summary.uplink_ratio:.2%}")
+    if summary.exchanged_parameters != summary.total_parameters:
+        table.add_row(
+            "parameters sent / in model",
+            f"{summary.exchanged_parameters:,d} / {summary.total_parameters:,d} (LoRA)",
+        )
+        table.add_row(
+            "uplink bytes per upload",
+            f"{summary.uplink_bytes_per_upload:,.0f} "
+            f"(whole model: {summary.full_model_uplink_bytes_per_upload:,.0f})",
+        )
+    if set(summary.weights_sources) - {"samples", "uniform"}:
+        sources = ", ".join(f"{k} {v}" for k, v in sorted(summary.weights_sources.items()))
+        table.add_row("weights (rounds)", sources)
     table.add_row("skipped uploads", str(summary.skipped_uploads))
     table.add_row("failed worker-rounds", str(summary.failed))
     table.add_row("wall time", f"{summary.seconds:.1f} s")

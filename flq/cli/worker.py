@@ -39,6 +39,12 @@ def run(
     heartbeat: Annotated[
         float, typer.Option(help="Seconds between heartbeats while training.")
     ] = 5.0,
+    feature: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=NUMBER the master's LLM weighting sees (traffic, usage); repeatable.",
+        ),
+    ] = None,
     log_level: Annotated[
         Literal["debug", "info", "warning", "error"] | None,
         typer.Option(help="Override logging.log_level."),
@@ -46,10 +52,39 @@ def run(
     log_format: Annotated[
         Literal["auto", "json", "console"] | None, typer.Option(help="Override logging.log_format.")
     ] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(envvar="FLQ_TLS_CA", help="CA certificate (PEM) of the master: TLS on."),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(envvar="FLQ_TLS_CERT", help="This worker's certificate (PEM), mutual TLS."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(envvar="FLQ_TLS_KEY", help="This worker's private key (PEM), mutual TLS."),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FLQ_WORKER_TOKEN_FILE",
+            help="File holding this worker's token (else $FLQ_WORKER_TOKEN).",
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            min=0, max=65535, envvar="FLQ_METRICS_PORT", help="Serve Prometheus /metrics; 0 = off."
+        ),
+    ] = 0,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address the metrics endpoint binds.")
+    ] = "0.0.0.0",
 ) -> None:
     """Connect to the master (reconnecting with backoff) and train until told to stop."""
     from flq.cli.runtime import run_async, start
     from flq.config import ConfigError, load_config
+    from flq.security import WORKER_TOKEN_ENV, client_token, load_client_tls
     from flq.types import Location
     from flq.worker.daemon import WorkerDaemon, WorkerOptions
 
@@ -65,8 +100,32 @@ def run(
         partition_index=partition_index,
         location=location,
         heartbeat_interval_s=heartbeat,
+        features=parse_features(feature or []),
+        tls=load_client_tls(tls_ca, tls_cert, tls_key),
+        token=client_token(token_file, WORKER_TOKEN_ENV),
+        metrics_port=metrics_port or None,
+        metrics_host=metrics_host,
     )
     run_async(WorkerDaemon(cfg, options).run())
+
+
+def parse_features(values: list[str]) -> dict[str, float]:
+    """--feature NAME=NUMBER values as a map; a ConfigError names a malformed one."""
+    import math
+
+    from flq.config import ConfigError
+
+    features: dict[str, float] = {}
+    for value in values:
+        name, eq, number = value.partition("=")
+        try:
+            parsed = float(number)
+        except ValueError:
+            parsed = math.nan
+        if not (name.strip() and eq and math.isfinite(parsed)):
+            raise ConfigError(f"--feature: got {value!r}, expected NAME=NUMBER (e.g. traffic=3.5)")
+        features[name.strip()] = parsed
+    return features
 
 
 if __name__ == "__main__":

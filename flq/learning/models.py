@@ -4,7 +4,8 @@ Every layer gets its own integer-seeded initializer, so the same (name, shape, c
 gives bit-identical initial weights in every process: the master and all workers start from one
 model without shipping it. No regulariser lives in the model; the training step adds L2 so the
 master can change it per round. The output layer always computes in float32 (softmax in float16
-under mixed precision loses too much).
+under mixed precision loses too much). Dense layers have fixed names (mlp: hidden, probs; cnn: fc,
+probs; logreg: probs) so `lora.target_layers` can name them.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _logreg_layers(k: Any, seeds: _LayerSeeds, hidden_units: int) -> list[Any]:
 def _mlp_layers(k: Any, seeds: _LayerSeeds, hidden_units: int) -> list[Any]:
     return [
         k.layers.Flatten(),
-        k.layers.Dense(hidden_units, activation="relu", **seeds.kernel_init(k)),
+        k.layers.Dense(hidden_units, activation="relu", **seeds.kernel_init(k), name="hidden"),
     ]
 
 
@@ -97,7 +98,7 @@ def _cnn_layers(k: Any, seeds: _LayerSeeds, hidden_units: int) -> list[Any]:
         conv(64),
         k.layers.MaxPooling2D(2),
         k.layers.Flatten(),
-        k.layers.Dense(128, activation="relu", **seeds.kernel_init(k)),
+        k.layers.Dense(128, activation="relu", **seeds.kernel_init(k), name="fc"),
     ]
 
 

@@ -17,6 +17,9 @@ which is what the master's stale reuse and a reconnect both assume.
 
 `train` is synchronous and CPU/GPU bound; the worker daemon calls it from a thread. One trainer
 runs one `train` at a time (it owns one model).
+
+"Weights" here are the weights that travel (flq.learning.lora): the whole model, or with LoRA only
+the adapters, in model.trainable_weights order; the frozen base is rebuilt from `model_seed`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ from typing import Any, Final
 import numpy as np
 
 from flq.learning.data import ArrayData, DatasetSpec
+from flq.learning.lora import (
+    LoraSpec,
+    apply_lora,
+    exchanged_variables,
+    get_exchanged,
+    penalised_variables,
+    set_exchanged,
+)
 from flq.learning.models import KerasModel, build_model
 from flq.learning.tfimport import keras, tf
 
@@ -72,7 +83,7 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class TrainResult:
-    delta: Weights  # w_end - w_start, float32, in model.get_weights() order
+    delta: Weights  # w_end - w_start, float32, in exchanged-weights order (see lora.py)
     loss: float  # mean of the objective over the steps taken
     num_samples: int  # size of this worker's partition (the FedAvg weight)
     steps: int
@@ -90,16 +101,26 @@ class LocalTrainer:
         seed: int = 0,
         prefetch_size: int = 2,
         num_parallel_calls: int = 2,
+        model_seed: int | None = None,
+        lora: LoraSpec | None = None,
     ) -> None:
+        """`seed` drives shuffling (and the model unless `model_seed` is given: a federation
+        passes its own seed there, so LoRA's frozen base is the same on every node)."""
         _check_data(spec, data)
         if prefetch_size < AUTOTUNE or num_parallel_calls < AUTOTUNE:
             raise ValueError(
                 "prefetch_size / num_parallel_calls: expected >= 0, or -1 for AUTOTUNE"
             )
+        model_seed = seed if model_seed is None else model_seed
         self._model = build_model(
-            model_name, spec.input_shape, spec.num_classes, hidden_units=hidden_units, seed=seed
+            model_name,
+            spec.input_shape,
+            spec.num_classes,
+            hidden_units=hidden_units,
+            seed=model_seed,
         )
-        self._initial = self._model.get_weights()
+        apply_lora(self._model, lora or LoraSpec(), seed=model_seed)
+        self._initial = get_exchanged(self._model)
         self._data = _as_model_inputs(data)
         self._seed = seed
         self._prefetch_size = prefetch_size
@@ -117,9 +138,13 @@ class LocalTrainer:
         """The seeded initial model: identical on every node built with the same seed."""
         return [w.copy() for w in self._initial]
 
+    @property
+    def model(self) -> KerasModel:
+        return self._model
+
     def train(self, weights: Weights, spec: TrainSpec) -> TrainResult:
         start = as_model_weights(self._model, weights)
-        self._model.set_weights(start)
+        set_exchanged(self._model, start)
         self._objective.begin_round(start, l2=spec.l2, prox_mu=spec.prox_mu)
         step = self._step_for(spec.optimizer, spec.lr)
         batches = self._batches_for(spec.batch_size)
@@ -128,7 +153,7 @@ class LocalTrainer:
         # Losses stay tensors until the end: reading each one would stall a GPU every step.
         losses = [step(*next(batches)) for _ in range(steps)]
         mean_loss = float(tf().add_n(losses)) / steps
-        end = self._model.get_weights()
+        end = get_exchanged(self._model)
         seconds = time.perf_counter() - began
         return TrainResult(
             delta=[after - before for after, before in zip(end, start, strict=True)],
@@ -224,14 +249,17 @@ class Evaluator:
         *,
         hidden_units: int = 64,
         batch_size: int = 1024,
+        seed: int = 0,
+        lora: LoraSpec | None = None,
     ) -> None:
         _check_data(spec, test)
         if batch_size < 1:
             raise ValueError(f"batch_size: got {batch_size}, expected >= 1")
         tf_ = tf()
         self._model = build_model(
-            model_name, spec.input_shape, spec.num_classes, hidden_units=hidden_units
+            model_name, spec.input_shape, spec.num_classes, hidden_units=hidden_units, seed=seed
         )
+        apply_lora(self._model, lora or LoraSpec(), seed=seed)
         test = _as_model_inputs(test)
         self._num_samples = len(test)
         self._batches = tf_.data.Dataset.from_tensor_slices((test.x, test.y)).batch(batch_size)
@@ -239,7 +267,7 @@ class Evaluator:
 
     def evaluate(self, weights: Weights) -> tuple[float, float]:
         """(mean cross-entropy, accuracy) of `weights` on the test set."""
-        self._model.set_weights(as_model_weights(self._model, weights))
+        set_exchanged(self._model, as_model_weights(self._model, weights))
         loss_sum, correct = 0.0, 0
         for x, y in self._batches:
             batch_loss, batch_correct = self._sums(x, y)
@@ -266,9 +294,9 @@ class Evaluator:
 
 
 def as_model_weights(model: KerasModel, weights: Weights) -> Weights:
-    """`weights` as float32 arrays, checked against the model's shapes (ValueError names the first
-    mismatch)."""
-    expected = [tuple(w.shape) for w in model.weights]
+    """`weights` as float32 arrays, checked against the shapes of the weights the model exchanges
+    (ValueError names the first mismatch)."""
+    expected = [tuple(w.shape) for w in exchanged_variables(model)]
     if len(weights) != len(expected):
         raise ValueError(f"weights: got {len(weights)} arrays, the model has {len(expected)}")
     arrays = [np.asarray(w, dtype=np.float32) for w in weights]
@@ -287,7 +315,7 @@ class _Objective:
         # Kept here, not looked up in __call__: AutoGraph would try to convert tf()'s body.
         self._tf, self._keras = tf_, keras()
         self._variables = model.trainable_variables
-        self._kernels = [layer.kernel for layer in model.layers if hasattr(layer, "kernel")]
+        self._kernels = penalised_variables(model)
         self._start = [
             tf_.Variable(np.zeros(v.shape, np.float32), trainable=False) for v in self._variables
         ]
@@ -315,8 +343,8 @@ class _Objective:
 
 
 def _trainable_positions(model: KerasModel) -> list[int]:
-    """Where each trainable variable sits in model.weights (the Weights order)."""
-    position_of = {id(w): i for i, w in enumerate(model.weights)}
+    """Where each trainable variable sits in the exchanged weights (the Weights order)."""
+    position_of = {id(w): i for i, w in enumerate(exchanged_variables(model))}
     return [position_of[id(v)] for v in model.trainable_variables]
 
 

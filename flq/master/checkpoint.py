@@ -8,7 +8,6 @@ POSIX), and the directory is fsynced so the rename itself survives a power cut.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -68,12 +67,13 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
     arrays: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {"format_version": FORMAT_VERSION}
     _flatten(state, "", arrays, meta)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays, **{META_KEY: np.frombuffer(json.dumps(meta).encode(), np.uint8)})
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getbuffer())
+            # Straight into the file: no in-memory copy of the whole state (it is the size of
+            # every stored contribution: ~400 MB for 1000 workers with a 100k model).
+            meta_bytes = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+            np.savez(handle, **arrays, **{META_KEY: meta_bytes})
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)

@@ -21,6 +21,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from flq import notify
 from flq.codec import EncodedTensor, encode_float32
 from flq.config import Config
 from flq.grpc_options import SERVER_OPTIONS
@@ -29,8 +30,10 @@ from flq.master.engine import RoundEngine
 from flq.master.federation import Federation, build_federation
 from flq.master.loop import RoundBookkeeper
 from flq.master.servicer import FLQServicer, GrpcWorkerLink
+from flq.metrics import MasterMetrics, MasterSources, MetricsServer
 from flq.pb import flq_pb2_grpc as pb_grpc
-from flq.types import Shutdown, StatusReply, WorkerStatus
+from flq.security import MasterSecurity, load_master_security, server_credentials
+from flq.types import ModelInfo, Shutdown, StatusReply, WorkerStatus
 
 log = structlog.get_logger("flq.master")
 SERVICE_NAME = "flq.v1.FLQ"
@@ -45,6 +48,8 @@ class MasterOptions:
     run_dir: Path | None = None  # where results/checkpoint go; default logging.result_dir
     # Builds the federation; tests and benchmarks pass one with a numpy model (no TensorFlow).
     federation_factory: Callable[[Config], Federation] = build_federation
+    metrics_port: int | None = None  # Prometheus /metrics: None = off, 0 = any free port
+    metrics_host: str = "0.0.0.0"
 
 
 class MasterDaemon:
@@ -63,6 +68,12 @@ class MasterDaemon:
         self._sessions: set[asyncio.Task[Any]] = set()
         self._started = time.time()
         self.ready = asyncio.Event()
+        self._security: MasterSecurity | None = None
+        self.metrics = MasterMetrics(
+            MasterSources(self._connected_count, lambda: self.state_name, self._rejected_counts),
+            up_budget_bits=cfg.budget_selection.up_budget_bits,
+        )
+        self.metrics_server: MetricsServer | None = None
 
     # ------------------------------------------------------------ MasterControl (servicer)
 
@@ -115,6 +126,29 @@ class MasterDaemon:
             total_downlink_bits=totals.get("downlink_bits", 0),
             workers=workers,
             mode=self.cfg.flq_algorithm.mode,
+            model=self._model_info(),
+            aggregation_weights={} if last is None else dict(last.weights),
+            weights_source="" if last is None else last.weights_source,
+            llm_confidence=math.nan if last is None else last.llm_confidence,
+            llm_reasoning="" if last is None else last.llm_reasoning,
+        )
+
+    def _connected_count(self) -> int:
+        return 0 if self.federation is None else len(self.federation.registry.connected())
+
+    def _rejected_counts(self) -> dict[str, int]:
+        return {} if self.federation is None else dict(self.federation.engine.rejected)
+
+    def _model_info(self) -> ModelInfo:
+        cfg, fed = self.cfg, self.federation
+        spec = None if fed is None else getattr(fed.evaluation, "spec", None)
+        return ModelInfo(
+            name=cfg.model.name,
+            dataset=cfg.dataset.name,
+            hidden_units=cfg.model.hidden_units,
+            input_shape=() if spec is None else tuple(spec.input_shape),
+            num_classes=0 if spec is None else spec.num_classes,
+            parameters=0 if fed is None else fed.parameters,
         )
 
     def request_stop(self, reason: str) -> int:
@@ -127,7 +161,7 @@ class MasterDaemon:
         if self.federation is None:
             raise ProtocolViolation("UNAVAILABLE", "no model yet")
         state = self.federation.state
-        return state.round - 1, [encode_float32(w) for w in state.weights]
+        return state.round - 1, [encode_float32(w) for w in self.federation.model_weights()]
 
     def count_rejected(self, reason: str) -> None:
         if self.federation is not None:
@@ -138,25 +172,37 @@ class MasterDaemon:
 
     async def run(self) -> None:
         self._install_signal_handlers()
+        watchdog = notify.start_watchdog()  # systemd's WatchdogSec: pings from this loop
+        self._security = load_master_security(self.cfg.security)  # bad files fail fast
         self.federation = await asyncio.to_thread(self.options.federation_factory, self.cfg)
         self.books = RoundBookkeeper(self.federation, self.run_dir, resume=self.options.resume)
         await self._start_server()
         try:
             await self._round_loop()
+        except asyncio.CancelledError:
+            if not self.forced:
+                raise
+            log.warning("forced exit: the current round is abandoned")
         finally:
             await self._shutdown()
+            await notify.stop_watchdog(watchdog)
 
     async def _start_server(self) -> None:
+        security = self._security or load_master_security(self.cfg.security)
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        pb_grpc.add_FLQServicer_to_server(FLQServicer(self), server)
+        pb_grpc.add_FLQServicer_to_server(FLQServicer(self, security.auth), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         host = self.options.host or self.cfg.system.master_host
         port = self.cfg.system.master_port if self.options.port is None else self.options.port
-        self.port = server.add_insecure_port(f"{host}:{port}")
+        if security.tls is not None:
+            self.port = server.add_secure_port(f"{host}:{port}", server_credentials(security.tls))
+        else:
+            self.port = server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port} (address in use?)")
         await server.start()
         self._server = server
+        self._start_metrics()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.state_name = "waiting"
         log.info(
@@ -164,8 +210,22 @@ class MasterDaemon:
             address=f"{host}:{self.port}",
             run_dir=str(self.run_dir),
             mode=self.cfg.flq_algorithm.mode,
+            tls=security.tls is not None,
+            metrics_port=None if self.metrics_server is None else self.metrics_server.port,
         )
         self.ready.set()
+        notify.ready(f"listening on {host}:{self.port}")
+
+    def _start_metrics(self) -> None:
+        if self.options.metrics_port is not None:
+            self.metrics_server = MetricsServer(
+                self.metrics.registry, self.options.metrics_port, self.options.metrics_host
+            )
+
+    def _stop_metrics(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
 
     async def _set_health(self, status: int) -> None:
         await self._health.set("", status)
@@ -181,6 +241,10 @@ class MasterDaemon:
             self.state_name = "training"
             outcome = await self.engine.run_round()
             await books.finish_round(outcome)
+            self.metrics.observe_round(outcome, books.last_accuracy, books.last_loss)
+            notify.status(
+                f"round {outcome.round}/{system.max_rounds}, accuracy {books.last_accuracy:.4f}"
+            )
             if 0 < system.target_accuracy <= books.last_accuracy:
                 log.info("target accuracy reached", accuracy=books.last_accuracy)
                 break
@@ -209,6 +273,7 @@ class MasterDaemon:
         return False
 
     async def _shutdown(self) -> None:
+        notify.stopping()
         if self.state_name != "finished":
             self.state_name = "stopping"
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -216,6 +281,8 @@ class MasterDaemon:
             self.books.save()
             self.books.close()
         self._write_summary()
+        if self.federation is not None:
+            await self.federation.aclose()
         finished = self.state_name == "finished"
         if self.federation is not None:
             goodbye = Shutdown(
@@ -235,6 +302,7 @@ class MasterDaemon:
                 await link.close()
         if self._server is not None:
             await self._server.stop(0 if self.forced else STOP_GRACE_S)
+        self._stop_metrics()
         log.info("master stopped", state=self.state_name)
 
     def _write_summary(self) -> None:
@@ -249,6 +317,7 @@ class MasterDaemon:
             **self.books.totals,
             "mode": self.cfg.flq_algorithm.mode,
             "seconds": time.time() - self._started,
+            **self.federation.size_summary(self.books.totals["uplink_bits"]),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 

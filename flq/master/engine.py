@@ -9,6 +9,7 @@ this module only sequences it and counts what crosses the wire.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,8 +21,9 @@ import structlog
 from flq.algorithm import Offer, select_uploads
 from flq.codec import CodecError, EncodedTensor, Reassembler, group_chunks, split_tensors
 from flq.link import LinkClosed, ProtocolViolation, WorkerLink
+from flq.master.llm import WeightAdvisor, facts_for
 from flq.master.registry import Registry, WorkerRecord
-from flq.master.state import MasterState
+from flq.master.state import MasterState, WeightDecision
 from flq.serde import PROTOCOL_VERSION
 from flq.types import (
     Decision,
@@ -41,6 +43,7 @@ from flq.types import (
 
 log = structlog.get_logger("flq.master")
 T = TypeVar("T")
+ADVICE_GRACE_S = 1.0  # beyond the advisor's own timeout, which bounds its call to the model
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,9 @@ class RoundOutcome:
     train_loss: float = float("nan")
     lazy_scalar: float = 0.0
     weights: dict[str, float] = field(default_factory=dict)
-    weights_source: str = "samples"
+    weights_source: str = "samples"  # samples | uniform | llm | cache | fallback:<reason>
+    llm_confidence: float = math.nan
+    llm_reasoning: str = ""
 
 
 class _Failure(Exception):
@@ -79,11 +84,21 @@ class _Failure(Exception):
 
 
 class RoundEngine:
-    def __init__(self, state: MasterState, registry: Registry, settings: EngineSettings) -> None:
+    def __init__(
+        self,
+        state: MasterState,
+        registry: Registry,
+        settings: EngineSettings,
+        advisor: WeightAdvisor | None = None,
+    ) -> None:
         self.state = state
         self.registry = registry
         self.settings = settings
+        self.advisor = advisor  # proposes each round's aggregation weights (weighting = "llm")
         self.rejected: dict[str, int] = {}  # protocol violations by reason, for metrics
+        # This round's RoundStart messages per payload, built once and sent to every worker
+        # holding the same reference: (the round's downlink, {id(payload): (payload, parts)}).
+        self._round_parts: tuple[object, dict[int, tuple[object, list[RoundStart]]]] = (None, {})
 
     # ------------------------------------------------------------ sessions
 
@@ -173,7 +188,9 @@ class RoundEngine:
             uploaders, lambda r: self._recv_upload(r, round_id, outcome), deadline, outcome
         )
         await self._reset_lost_uploads(uploaders, uploads, outcome)
-        self._apply(uploads, offers, outcome)
+        self._apply(uploads, outcome)
+        decision = await self._advise(round_id, outcome)
+        self._step(offers, outcome, decision)
         outcome.seconds = time.perf_counter() - started
         self.state.round += 1
         return outcome
@@ -190,10 +207,13 @@ class RoundEngine:
             return {}
         loop = asyncio.get_running_loop()
         tasks = {asyncio.ensure_future(step(r)): r for r in records}
-        _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        try:
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+        finally:
+            # Past the deadline, or the round itself cancelled (forced stop): no task outlives it.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         results: dict[WorkerRecord, T] = {}
         for task, record in tasks.items():
             if task in pending:
@@ -243,23 +263,39 @@ class RoundEngine:
         self, record: WorkerRecord, downlink: object, outcome: RoundOutcome
     ) -> None:
         encoded, _ = downlink.payload_for(record.download_version)  # type: ignore[attr-defined]
-        groups = group_chunks(split_tensors(encoded))
-        for part, group in enumerate(groups):
-            await self._send(
-                record,
-                RoundStart(
-                    round=self.state.round,
-                    config=self.settings.round_config,
-                    lazy_scalar=self.state.lazy_scalar,
-                    download_ref_version=downlink.version,  # type: ignore[attr-defined]
-                    part=part,
-                    parts=len(groups),
-                    tensors=tuple(group),
-                ),
-                outcome,
-            )
+        for message in self._round_start_parts(downlink, encoded):
+            await self._send(record, message, outcome)
         outcome.downlink_bits += sum(e.cost_bits() for e in encoded)
         record.download_version = downlink.version  # type: ignore[attr-defined]
+
+    def _round_start_parts(
+        self, downlink: object, encoded: list[EncodedTensor]
+    ) -> list[RoundStart]:
+        """The RoundStart messages that carry `encoded`, built once per round and payload: every
+        worker that holds the same reference gets the very same objects, so a link converts and
+        serializes them once per round rather than once per worker (GrpcWorkerLink caches)."""
+        current, by_payload = self._round_parts
+        if current is not downlink:
+            by_payload = {}
+            self._round_parts = (downlink, by_payload)
+        cached = by_payload.get(id(encoded))
+        if cached is not None and cached[0] is encoded:
+            return cached[1]
+        groups = group_chunks(split_tensors(encoded))
+        parts = [
+            RoundStart(
+                round=self.state.round,
+                config=self.settings.round_config,
+                lazy_scalar=self.state.lazy_scalar,
+                download_ref_version=downlink.version,  # type: ignore[attr-defined]
+                part=part,
+                parts=len(groups),
+                tensors=tuple(group),
+            )
+            for part, group in enumerate(groups)
+        ]
+        by_payload[id(encoded)] = (encoded, parts)
+        return parts
 
     async def _next(
         self, record: WorkerRecord, round_id: int, outcome: RoundOutcome, expected: tuple[type, ...]
@@ -410,10 +446,7 @@ class RoundEngine:
                     pass
 
     def _apply(
-        self,
-        uploads: dict[WorkerRecord, list[EncodedTensor]],
-        offers: dict[WorkerRecord, UploadOffer],
-        outcome: RoundOutcome,
+        self, uploads: dict[WorkerRecord, list[EncodedTensor]], outcome: RoundOutcome
     ) -> None:
         for record, encoded in sorted(uploads.items(), key=lambda item: item[0].worker_id):
             bits = sum(e.cost_bits() for e in encoded)
@@ -423,10 +456,41 @@ class RoundEngine:
             record.last_upload_round = self.state.round
             outcome.uplink_bits += bits
             outcome.selected.append(record.worker_id)
+
+    async def _advise(self, round_id: int, outcome: RoundOutcome) -> WeightDecision | None:
+        """The advisor's weights for this round's contributors, waited on for at most its
+        timeout (plus a grace the advisor itself never needs); any failure is a fallback."""
+        advisor = self.advisor
+        if advisor is None:
+            return None
+        fresh = set(outcome.selected)
+        contributors = [
+            facts_for(w, self.registry.get(w), round_id, w in fresh)
+            for w in self.state.store.contributors()
+        ]
+        try:
+            return await asyncio.wait_for(
+                advisor.advise(round_id, contributors), advisor.timeout_s + ADVICE_GRACE_S
+            )
+        except asyncio.TimeoutError:
+            return advisor.fallback(contributors, "timeout", "the advisor overran its timeout")
+        except Exception as error:  # an advisor's bug must cost one round's advice, not the round
+            log.exception("weight advisor failed", error=type(error).__name__)
+            return advisor.fallback(contributors, "error", f"{type(error).__name__}: {error}")
+
+    def _step(
+        self,
+        offers: dict[WorkerRecord, UploadOffer],
+        outcome: RoundOutcome,
+        decision: WeightDecision | None,
+    ) -> None:
         samples = {r.worker_id: r.num_samples for r in self.registry.all()}
-        step = self.state.step(samples, fresh=set(outcome.selected))
+        step = self.state.step(samples, fresh=set(outcome.selected), decision=decision)
         outcome.weights = step.weights
         outcome.weights_source = step.source
+        if decision is not None:
+            outcome.llm_confidence = decision.confidence
+            outcome.llm_reasoning = decision.reasoning
         outcome.lazy_scalar = self.state.lazy_scalar
         outcome.train_loss = _weighted_loss(offers)
 

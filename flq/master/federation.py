@@ -16,6 +16,7 @@ import numpy as np
 
 from flq.config import Config
 from flq.master.engine import EngineSettings, RoundEngine, RoundOutcome
+from flq.master.llm import LlmWeighting, compact_weights, one_line
 from flq.master.registry import Registry
 from flq.master.state import MasterState, algorithm_settings_from
 from flq.types import RoundConfig
@@ -69,6 +70,7 @@ class Evaluation:
 
     def __init__(self, cfg: Config) -> None:
         from flq.learning.data import load_dataset
+        from flq.learning.lora import LoraSpec, apply_lora, get_exchanged, merge_layout
         from flq.learning.models import build_model, count_parameters
         from flq.learning.trainer import Evaluator
 
@@ -85,15 +87,29 @@ class Evaluation:
             hidden_units=cfg.model.hidden_units,
             seed=cfg.system.seed,
         )
-        self.initial_weights: list[np.ndarray] = [
-            np.asarray(w, np.float32) for w in model.get_weights()
-        ]
-        self.parameters = count_parameters(model)
-        self.evaluator = Evaluator(cfg.model.name, spec, test, hidden_units=cfg.model.hidden_units)
+        self.parameters = count_parameters(model)  # the model itself, without LoRA adapters
+        lora = LoraSpec.parse(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_layers)
+        # With LoRA the federation's weights are the adapters only (flq/learning/lora.py).
+        self.lora_layers = apply_lora(model, lora, seed=cfg.system.seed)
+        self.initial_weights: list[np.ndarray] = get_exchanged(model)
+        self._merge = merge_layout(model) if lora.enabled else None
+        self.spec = spec  # input shape and classes: what `flq model pull` rebuilds a model from
+        self.evaluator = Evaluator(
+            cfg.model.name,
+            spec,
+            test,
+            hidden_units=cfg.model.hidden_units,
+            seed=cfg.system.seed,
+            lora=lora,
+        )
 
     def evaluate(self, weights: list[np.ndarray]) -> tuple[float, float]:
         loss, accuracy = self.evaluator.evaluate(weights)
         return float(loss), float(accuracy)
+
+    def model_weights(self, weights: list[np.ndarray]) -> list[np.ndarray]:
+        """The plain model's weights: with LoRA, the frozen base with the adapters merged in."""
+        return weights if self._merge is None else self._merge.merged(weights)
 
 
 @dataclass
@@ -116,6 +132,37 @@ class Federation:
     def evaluate(self, weights: list[np.ndarray]) -> tuple[float, float]:
         return self.evaluation.evaluate(weights)
 
+    def size_summary(self, uplink_bits: int) -> dict[str, Any]:
+        """What exists vs what travels: the model's parameters (`parameters`, as full-model
+        federation exchanges them), the exchanged ones (with LoRA: the adapters, and the total
+        counts them too), and the uplink bytes per upload (one client, one round) beside what the
+        full model would cost at the same bits per value, and in float32."""
+        exchanged = sum(int(w.size) for w in self.state.weights)
+        lora = self.cfg.lora.rank > 0
+        uploads = sum(r.uploads for r in self.registry.all())
+        per_upload = uplink_bits / 8 / uploads if uploads else 0.0
+        full_model = per_upload * self.parameters / exchanged  # same bits per value, more values
+        return {
+            "total_parameters": self.parameters + (exchanged if lora else 0),
+            "exchanged_parameters": exchanged,
+            "lora_rank": self.cfg.lora.rank,
+            "uplink_bytes_per_upload": round(per_upload, 1),
+            "full_model_uplink_bytes_per_upload": round(full_model, 1),
+            "float32_full_model_bytes": 4 * self.parameters,
+        }
+
+    def model_weights(self) -> list[np.ndarray]:
+        """The global model as a plain model (what GetGlobalModel serves): the federation's
+        weights, or with LoRA the base with the adapters merged in."""
+        merge = getattr(self.evaluation, "model_weights", None)
+        return self.state.weights if merge is None else list(merge(self.state.weights))
+
+    async def aclose(self) -> None:
+        """Release what the federation holds beyond memory (the LLM advisor's connections)."""
+        close = getattr(self.engine.advisor, "aclose", None)
+        if close is not None:
+            await close()
+
     def results_row(self, outcome: RoundOutcome, accuracy: float, loss: float) -> dict[str, Any]:
         self.cum_uplink_bits += outcome.uplink_bits
         return {
@@ -137,6 +184,9 @@ class Federation:
             "cum_uplink_bits": self.cum_uplink_bits,
             "weights_source": outcome.weights_source,
             "failures": ";".join(f"{w}:{why}" for w, why in sorted(outcome.failed.items())),
+            "weights_used": compact_weights(outcome.weights),
+            "llm_confidence": _fmt(outcome.llm_confidence),
+            "llm_reasoning": one_line(outcome.llm_reasoning),
         }
 
 
@@ -158,11 +208,14 @@ def synthetic_evaluation(cfg: Config) -> ModelEvaluation:
 
 def build_federation(cfg: Config, evaluation: ModelEvaluation | None = None) -> Federation:
     """The federation for `cfg`; `evaluation` replaces the TensorFlow model (tests, benches)."""
+    if cfg.lora.rank > 0 and cfg.dataset.name == "synthetic":
+        raise ValueError("lora.rank > 0 needs a Keras model; dataset synthetic has none")
     if evaluation is None:
         evaluation = (
             synthetic_evaluation(cfg) if cfg.dataset.name == "synthetic" else Evaluation(cfg)
         )
     state = MasterState(evaluation.initial_weights, algorithm_settings_from(cfg))
     registry = Registry()
-    engine = RoundEngine(state, registry, engine_settings_from(cfg))
+    advisor = LlmWeighting.from_config(cfg.llm) if cfg.flq_algorithm.weighting == "llm" else None
+    engine = RoundEngine(state, registry, engine_settings_from(cfg), advisor)
     return Federation(cfg, state, registry, engine, evaluation)

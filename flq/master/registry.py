@@ -36,6 +36,7 @@ class WorkerRecord:
     last_upload_round: int = -1
     download_version: int = -1  # the downlink reference version this worker holds (-1: unknown)
     recent_losses: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_LOSSES))
+    features: dict[str, float] = field(default_factory=dict)  # Hello.features (traffic, usage)
 
     @property
     def connected(self) -> bool:
@@ -61,6 +62,7 @@ class Registry:
         record.num_samples = hello.num_samples
         record.device = hello.device
         record.location = hello.location
+        record.features = dict(hello.features)
         record.seen()
         self._notify()
         if replaced is not None:

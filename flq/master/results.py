@@ -37,6 +37,9 @@ EXTRA_COLUMNS = (
     "cum_uplink_bits",
     "weights_source",
     "failures",
+    "weights_used",  # "w0:0.31;w1:0.69": the normalised aggregation weights
+    "llm_confidence",  # weighting = "llm": the answer's confidence (empty otherwise)
+    "llm_reasoning",  # weighting = "llm": its reasoning, or why it fell back (one line)
 )
 COLUMNS = FIXED_COLUMNS + EXTRA_COLUMNS
 

@@ -4,6 +4,11 @@ Only this module (with serde and the worker's connection) touches gRPC objects. 
 becomes a `GrpcWorkerLink`: one reader task per stream (grpc aio allows one reader per call), a
 lock around writes, and the handler coroutine owns the stream's end — a rejection or close is
 signalled to it, and it ends the call with the right status.
+
+Authentication (flq/security.py) runs before any message of a call is read: a Session whose
+token is wrong ends UNAUTHENTICATED, one whose token belongs to another worker PERMISSION_DENIED,
+and an admin RPC without the admin token UNAUTHENTICATED. A Session bound to a worker id rejects
+a Hello that claims any other id.
 """
 
 from __future__ import annotations
@@ -21,10 +26,35 @@ from flq.codec import EncodedTensor, group_chunks, split_tensors
 from flq.link import LinkClosed, ProtocolViolation, Received
 from flq.pb import flq_pb2 as pb
 from flq.pb import flq_pb2_grpc as pb_grpc
-from flq.types import MasterMessage, ModelChunk, StatusReply
+from flq.security import Authenticator, AuthResult
+from flq.types import MasterMessage, ModelChunk, RoundStart, StatusReply
 
 log = structlog.get_logger("flq.master.servicer")
 _sessions = itertools.count(1)
+
+
+class _RoundStartProtos:
+    """Protobuf forms of the current round's RoundStart parts. The engine sends the same part
+    objects to every in-sync worker, so converting each once (not once per worker) saves a copy
+    of the model per worker per round. Keyed by identity (the entry keeps the message alive, so
+    an id is never reused while cached); a new round drops the last one's entries."""
+
+    def __init__(self) -> None:
+        self._round = -1
+        self._protos: dict[int, tuple[RoundStart, pb.MasterMessage]] = {}
+
+    def get(self, message: RoundStart) -> pb.MasterMessage:
+        if message.round != self._round:
+            self._round, self._protos = message.round, {}
+        hit = self._protos.get(id(message))
+        if hit is not None and hit[0] is message:
+            return hit[1]
+        proto = serde.master_message_to_proto(message)
+        self._protos[id(message)] = (message, proto)
+        return proto
+
+
+_round_start_protos = _RoundStartProtos()
 
 
 class MasterControl(Protocol):
@@ -44,11 +74,17 @@ class MasterControl(Protocol):
 class GrpcWorkerLink:
     """The master's end of one worker's Session stream."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, control: MasterControl) -> None:
+    def __init__(
+        self,
+        context: grpc.aio.ServicerContext,
+        control: MasterControl,
+        identity: str | None = None,
+    ) -> None:
         self._context = context
         self._control = control
         self._session_id = f"s{next(_sessions)}"
-        self._worker_id = ""
+        self._identity = identity  # the worker id the call authenticated as, if any
+        self._worker_id = identity or ""
         self._inbox: asyncio.Queue[Received | None] = asyncio.Queue()
         self._write_lock = asyncio.Lock()
         self._ended = asyncio.Event()
@@ -76,6 +112,12 @@ class GrpcWorkerLink:
                     self._control.count_rejected("malformed")
                     await self.reject(ProtocolViolation("INVALID_ARGUMENT", str(error)))
                     break
+                claimed = getattr(message, "worker_id", None)
+                if self._identity is not None and claimed not in (None, self._identity):
+                    self._control.count_rejected("permission_denied")
+                    reason = f"authenticated as {self._identity!r}, Hello claims {claimed!r}"
+                    await self.reject(ProtocolViolation("PERMISSION_DENIED", reason))
+                    break
                 if not self._worker_id and hasattr(message, "worker_id"):
                     self._worker_id = message.worker_id
                 await self._inbox.put(Received(message, request.ByteSize()))
@@ -88,7 +130,11 @@ class GrpcWorkerLink:
     async def send(self, message: MasterMessage) -> int:
         if self._ended.is_set():
             raise LinkClosed(f"session {self._session_id} ended")
-        proto = serde.master_message_to_proto(message)
+        proto = (
+            _round_start_protos.get(message)
+            if isinstance(message, RoundStart)
+            else serde.master_message_to_proto(message)
+        )
         try:
             async with self._write_lock:
                 await self._context.write(proto)
@@ -116,16 +162,50 @@ class GrpcWorkerLink:
         await self._ended.wait()
 
 
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {
+        key.lower(): value
+        for key, value in (context.invocation_metadata() or ())
+        if isinstance(value, str)
+    }
+
+
+def _cert_names(context: grpc.aio.ServicerContext) -> list[str]:
+    """Common names of the verified client certificate (mutual TLS), else []."""
+    names = context.auth_context().get("x509_common_name", [])
+    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
+
+
 class FLQServicer(pb_grpc.FLQServicer):
-    def __init__(self, control: MasterControl) -> None:
+    def __init__(self, control: MasterControl, auth: Authenticator | None = None) -> None:
         self._control = control
+        self._auth = auth or Authenticator()
+
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext, rpc: str, result: AuthResult
+    ) -> None:
+        """Count, log (never the token) and end the call with the result's status."""
+        self._control.count_rejected(result.code.lower())
+        log.warning(
+            "call refused", rpc=rpc, peer=context.peer(), code=result.code, reason=result.reason
+        )
+        await context.abort(getattr(grpc.StatusCode, result.code), result.reason)
+
+    async def _admin_only(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
+        result = self._auth.check_admin(_metadata(context))
+        if not result.ok:
+            await self._refuse(context, rpc, result)
 
     async def Session(
         self,
         request_iterator: object,
         context: grpc.aio.ServicerContext,
     ) -> None:
-        link = GrpcWorkerLink(context, self._control)
+        auth = self._auth.check_worker(_metadata(context), _cert_names(context))
+        if not auth.ok:
+            await self._refuse(context, "Session", auth)  # raises: the call ends here
+            return
+        link = GrpcWorkerLink(context, self._control, auth.worker_id)
         reader = asyncio.create_task(link.read_loop())
         try:
             await self._control.serve_session(link)
@@ -153,6 +233,7 @@ class FLQServicer(pb_grpc.FLQServicer):
         request: pb.StatusRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.StatusReply:
+        await self._admin_only(context, "Status")
         return serde.status_reply_to_proto(self._control.status())
 
     async def Stop(
@@ -160,6 +241,7 @@ class FLQServicer(pb_grpc.FLQServicer):
         request: pb.StopRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.StopReply:
+        await self._admin_only(context, "Stop")
         round_id = self._control.request_stop(request.reason or "admin Stop RPC")
         return pb.StopReply(accepted=True, round=round_id)
 
@@ -168,6 +250,7 @@ class FLQServicer(pb_grpc.FLQServicer):
         request: pb.ModelRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelChunk]:
+        await self._admin_only(context, "GetGlobalModel")
         round_id, encoded = self._control.global_model()
         for group in group_chunks(split_tensors(encoded)):
             yield serde.model_chunk_to_proto(ModelChunk(round_id, tuple(group)))

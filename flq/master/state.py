@@ -3,6 +3,7 @@ reference, the lazy scalar, and the round counter — and its checkpoint form.""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,11 +36,6 @@ class AlgorithmSettings:
 
 def algorithm_settings_from(cfg: Config) -> AlgorithmSettings:
     algo = cfg.flq_algorithm
-    if algo.weighting == "llm":
-        raise ValueError(
-            "flq_algorithm.weighting: 'llm' is not available in this version; "
-            "use 'samples' or 'uniform'"
-        )
     return AlgorithmSettings(
         mode=algo.mode,
         b_up=algo.b_up,
@@ -61,6 +57,30 @@ class StepResult:
     source: str
 
 
+@dataclass(frozen=True)
+class WeightDecision:
+    """A round's aggregation weights decided outside the step (an LLM advisor, flq/master/llm.py).
+
+    `weights` are raw and non-negative; the aggregate keeps only contributors and normalises.
+    `source` is "llm", "cache" or "fallback:<reason>"."""
+
+    weights: Mapping[str, float]
+    source: str
+    confidence: float = math.nan
+    reasoning: str = ""
+
+
+class _Decided:
+    """A WeightDecision as the aggregate's Weighting."""
+
+    def __init__(self, decision: WeightDecision) -> None:
+        self.name = decision.source
+        self._weights = decision.weights
+
+    def weights(self, worker_ids: Sequence[str], samples: Mapping[str, int]) -> dict[str, float]:
+        return {w: float(self._weights.get(w, 0.0)) for w in worker_ids}
+
+
 class MasterState:
     def __init__(self, weights: Sequence[np.ndarray], settings: AlgorithmSettings) -> None:
         self.settings = settings
@@ -71,7 +91,10 @@ class MasterState:
         self.store = ContributionStore(shapes, parse_mode(settings.mode), settings.b_up)
         self.optimizer = make_server_optimizer(settings.server_optimizer, settings.server_lr)
         self.downlink = DownlinkSender(settings.b_down)
-        self.weighting = make_weighting(settings.weighting)
+        # "llm" decides per round (WeightDecision); without a decision its rule is sample counts.
+        self.weighting = make_weighting(
+            "samples" if settings.weighting == "llm" else settings.weighting
+        )
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
@@ -81,14 +104,21 @@ class MasterState:
         """ValueError unless the upload is what this mode sends for this model."""
         self.store.check(encoded)
 
-    def step(self, samples: Mapping[str, int], fresh: set[str]) -> StepResult:
-        """Aggregate every stored contribution (fresh and stale) and move the global model."""
-        result = aggregate(self.store, self.weighting, samples, fresh, self.settings.aggregate)
+    def step(
+        self,
+        samples: Mapping[str, int],
+        fresh: set[str],
+        decision: WeightDecision | None = None,
+    ) -> StepResult:
+        """Aggregate every stored contribution (fresh and stale) and move the global model, with
+        the decided weights when there is a decision, else by the configured rule."""
+        weighting = self.weighting if decision is None else _Decided(decision)
+        result = aggregate(self.store, weighting, samples, fresh, self.settings.aggregate)
         self.store.record_weights(result.weights)
         self.lazy_scalar = result.lazy_scalar
         if result.contributors:
             self.weights = self.optimizer.step(self.weights, result.delta)
-        return StepResult(result.weights, self.weighting.name)
+        return StepResult(result.weights, weighting.name)
 
     # ------------------------------------------------------------ checkpoint
 

@@ -115,7 +115,14 @@ class RoundConfig(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., b_up: _Optional[int] = ..., b_down: _Optional[int] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., l2: _Optional[float] = ..., prox_mu: _Optional[float] = ..., thr_scale: _Optional[float] = ..., lazy_d: _Optional[int] = ..., lazy_ck: _Optional[float] = ..., lazy_c: _Optional[int] = ..., warmup: _Optional[int] = ..., stochastic_rounding: bool = ..., error_feedback: bool = ..., deadline_ms: _Optional[int] = ..., optimizer: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("worker_id", "protocol_version", "num_samples", "device", "location", "upload_ref_version", "download_ref_version")
+    __slots__ = ("worker_id", "protocol_version", "num_samples", "device", "location", "upload_ref_version", "download_ref_version", "features")
+    class FeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +130,7 @@ class Hello(_message.Message):
     LOCATION_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_REF_VERSION_FIELD_NUMBER: _ClassVar[int]
     DOWNLOAD_REF_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     protocol_version: int
     num_samples: int
@@ -130,7 +138,8 @@ class Hello(_message.Message):
     location: Location
     upload_ref_version: int
     download_ref_version: int
-    def __init__(self, worker_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., location: _Optional[_Union[Location, _Mapping]] = ..., upload_ref_version: _Optional[int] = ..., download_ref_version: _Optional[int] = ...) -> None: ...
+    features: _containers.ScalarMap[str, float]
+    def __init__(self, worker_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., location: _Optional[_Union[Location, _Mapping]] = ..., upload_ref_version: _Optional[int] = ..., download_ref_version: _Optional[int] = ..., features: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class UploadOffer(_message.Message):
     __slots__ = ("round", "wants_upload", "cost_bits", "energy", "clock", "forced", "train_loss", "num_samples")
@@ -321,7 +330,14 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., connected: bool = ..., last_seen_unix: _Optional[float] = ..., num_samples: _Optional[int] = ..., uplink_bits: _Optional[int] = ..., uploads: _Optional[int] = ..., skips: _Optional[int] = ..., failures: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("round", "max_rounds", "state", "accuracy", "loss", "up_budget_bits", "last_round_uplink_bits", "total_uplink_bits", "total_downlink_bits", "workers", "mode")
+    __slots__ = ("round", "max_rounds", "state", "accuracy", "loss", "up_budget_bits", "last_round_uplink_bits", "total_uplink_bits", "total_downlink_bits", "workers", "mode", "model", "aggregation_weights", "weights_source", "llm_confidence", "llm_reasoning")
+    class AggregationWeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MAX_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -333,6 +349,11 @@ class StatusReply(_message.Message):
     TOTAL_DOWNLINK_BITS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LLM_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    LLM_REASONING_FIELD_NUMBER: _ClassVar[int]
     round: int
     max_rounds: int
     state: str
@@ -344,7 +365,28 @@ class StatusReply(_message.Message):
     total_downlink_bits: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     mode: str
-    def __init__(self, round: _Optional[int] = ..., max_rounds: _Optional[int] = ..., state: _Optional[str] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., up_budget_bits: _Optional[int] = ..., last_round_uplink_bits: _Optional[int] = ..., total_uplink_bits: _Optional[int] = ..., total_downlink_bits: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., mode: _Optional[str] = ...) -> None: ...
+    model: ModelInfo
+    aggregation_weights: _containers.ScalarMap[str, float]
+    weights_source: str
+    llm_confidence: float
+    llm_reasoning: str
+    def __init__(self, round: _Optional[int] = ..., max_rounds: _Optional[int] = ..., state: _Optional[str] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., up_budget_bits: _Optional[int] = ..., last_round_uplink_bits: _Optional[int] = ..., total_uplink_bits: _Optional[int] = ..., total_downlink_bits: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., mode: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., aggregation_weights: _Optional[_Mapping[str, float]] = ..., weights_source: _Optional[str] = ..., llm_confidence: _Optional[float] = ..., llm_reasoning: _Optional[str] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "dataset", "hidden_units", "input_shape", "num_classes", "parameters")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_UNITS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dataset: str
+    hidden_units: int
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    num_classes: int
+    parameters: int
+    def __init__(self, name: _Optional[str] = ..., dataset: _Optional[str] = ..., hidden_units: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., parameters: _Optional[int] = ...) -> None: ...
 
 class StopRequest(_message.Message):
     __slots__ = ("reason",)

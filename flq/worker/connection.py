@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import structlog
 
 from flq import serde
 from flq.grpc_options import CLIENT_OPTIONS
-from flq.link import LinkClosed, ReceivedByWorker
+from flq.link import LinkClosed, MasterLink, ReceivedByWorker
 from flq.pb import flq_pb2_grpc as pb_grpc
+from flq.security import worker_metadata
 from flq.types import WorkerMessage
 from flq.worker.session import (
     SessionEnd,
@@ -31,6 +33,9 @@ from flq.worker.session import (
     run_session,
 )
 
+if TYPE_CHECKING:
+    from flq.metrics import LinkObserver
+
 log = structlog.get_logger("flq.worker.connection")
 
 FATAL_CODES = frozenset(
@@ -40,6 +45,9 @@ FATAL_CODES = frozenset(
         grpc.StatusCode.UNIMPLEMENTED,
     }
 )
+
+
+STATUS_WAIT_S = 2.0  # how long a failed write waits for the call's final status
 
 
 class FatalConnectionError(RuntimeError):
@@ -89,8 +97,20 @@ class GrpcMasterLink:
             async with self._write_lock:
                 await self._call.write(proto)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as error:
+            await self._raise_if_refused()
             raise LinkClosed(f"write failed: {error}") from error
         return proto.ByteSize()
+
+    async def _raise_if_refused(self) -> None:
+        """A write fails when the master ended the call; say so if it refused us. The status may
+        trail the failed write by a moment, so wait for it briefly rather than guess "transient"
+        and reconnect just to be refused again."""
+        try:
+            code = await asyncio.wait_for(self._call.code(), STATUS_WAIT_S)
+        except asyncio.TimeoutError:
+            return
+        if code in FATAL_CODES:
+            raise FatalConnectionError(f"{code.name}: {await self._call.details()}")
 
     async def recv(self) -> ReceivedByWorker:
         item = await self._inbox.get()
@@ -124,13 +144,21 @@ async def run_connected(
     backoff: Backoff | None = None,
     credentials: grpc.ChannelCredentials | None = None,
     on_connected: Callable[[], None] | None = None,
+    token: str | None = None,
+    observer: LinkObserver | None = None,
 ) -> SessionOutcome:
-    """Keep a session with the master alive until it says goodbye or `stop` is set."""
+    """Keep a session with the master alive until it says goodbye or `stop` is set.
+
+    `credentials` turn on TLS; `token` is sent as `authorization: Bearer ...` with the worker id;
+    `observer` (flq.metrics.WorkerMetrics) sees every message. A refusal (wrong token, another
+    worker's id) raises FatalConnectionError: retrying cannot fix it.
+    """
     policy = backoff or Backoff()
     attempt = 0
+    metadata = worker_metadata(state.worker_id, token)
     while not stop.is_set():
         outcome = await _one_session(
-            state, trainer, address, stop, options, credentials, on_connected
+            state, trainer, address, stop, options, credentials, on_connected, metadata, observer
         )
         if outcome.end is SessionEnd.SHUTDOWN or stop.is_set():
             return outcome
@@ -155,6 +183,8 @@ async def _one_session(
     options: SessionOptions | None,
     credentials: grpc.ChannelCredentials | None,
     on_connected: Callable[[], None] | None,
+    metadata: Sequence[tuple[str, str]] = (),
+    observer: LinkObserver | None = None,
 ) -> SessionOutcome:
     channel = (
         grpc.aio.secure_channel(address, credentials, options=CLIENT_OPTIONS)
@@ -163,9 +193,12 @@ async def _one_session(
     )
     link: GrpcMasterLink | None = None
     try:
-        call = pb_grpc.FLQStub(channel).Session()
+        call = pb_grpc.FLQStub(channel).Session(metadata=tuple(metadata))
         link = GrpcMasterLink(call)
-        session = asyncio.create_task(run_session(state, trainer, link, options, on_connected))
+        session_link: MasterLink = link if observer is None else _observed(link, observer)
+        session = asyncio.create_task(
+            run_session(state, trainer, session_link, options, on_connected)
+        )
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if session in done:
@@ -175,6 +208,14 @@ async def _one_session(
         await asyncio.gather(session, return_exceptions=True)
         return SessionOutcome(SessionEnd.SHUTDOWN, "worker stopping")
     finally:
+        if observer is not None:
+            observer.on_closed()
         if link is not None:
             await link.close()
         await channel.close()
+
+
+def _observed(link: MasterLink, observer: LinkObserver) -> MasterLink:
+    from flq.metrics import ObservedMasterLink  # prometheus_client: only when metrics are on
+
+    return ObservedMasterLink(link, observer)

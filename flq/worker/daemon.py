@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from flq import __version__
+from flq import __version__, notify
 from flq.config import Config
+from flq.metrics import MetricsServer, WorkerMetrics
+from flq.security import ClientTls, channel_credentials
 from flq.types import DeviceInfo, Location
 from flq.worker.connection import Backoff, run_connected
 from flq.worker.session import SessionOptions, SessionOutcome, WorkerState
+from flq.worker.tegrastats import export_board_stats
 
 log = structlog.get_logger("flq.worker")
 
@@ -32,6 +35,11 @@ class WorkerOptions:
     partition_index: int | None = None
     location: Location = field(default_factory=Location)
     heartbeat_interval_s: float = 5.0
+    features: dict[str, float] = field(default_factory=dict)  # reported in Hello
+    tls: ClientTls | None = None  # None = plaintext (warned at start-up)
+    token: str | None = None  # sent as `authorization: Bearer ...`; never logged
+    metrics_port: int | None = None  # Prometheus /metrics: None = off, 0 = any free port
+    metrics_host: str = "0.0.0.0"
 
 
 def device_info(accelerator: str) -> DeviceInfo:
@@ -54,11 +62,22 @@ class WorkerDaemon:
         self.cfg = cfg
         self.options = options
         self.stop = asyncio.Event()
+        # Board gauges (tegrastats) are fed with flq.metrics.record_board_stats(self.metrics, ...).
+        self.metrics = WorkerMetrics(options.worker_id)
+        self.metrics_server: MetricsServer | None = None
 
     async def run(self) -> SessionOutcome:
         from flq.worker.training import build_trainer  # imports TensorFlow: only here
 
         self._install_signal_handlers()
+        watchdog = notify.start_watchdog()  # systemd's WatchdogSec: pings from this loop
+        board_stats: asyncio.Task[None] | None = None
+        if self.options.metrics_port is not None:
+            self.metrics_server = MetricsServer(
+                self.metrics.registry, self.options.metrics_port, self.options.metrics_host
+            )
+            # Jetson power, temperatures, GPU load, RAM; nothing where tegrastats is missing.
+            board_stats = asyncio.create_task(export_board_stats(self.metrics))
         trainer, accelerator = await asyncio.to_thread(
             build_trainer, self.cfg, self.options.worker_id, self.options.partition_index
         )
@@ -68,16 +87,40 @@ class WorkerDaemon:
             samples=trainer.num_samples,
             master=self.options.master,
             accelerator=accelerator,
+            tls=self.options.tls is not None,
+            token=self.options.token is not None,
+            metrics_port=None if self.metrics_server is None else self.metrics_server.port,
         )
+        if self.options.tls is None:
+            log.warning("gRPC link to the master is unencrypted: pass --tls-ca (flq certs init)")
+        tls = self.options.tls
         state = WorkerState(self.options.worker_id, seed=self.cfg.system.seed)
         session_options = SessionOptions(
             device=device_info(accelerator),
             location=self.options.location,
             heartbeat_interval_s=self.options.heartbeat_interval_s,
+            features=self.options.features,
         )
-        outcome = await run_connected(
-            state, trainer, self.options.master, self.stop, session_options, Backoff()
-        )
+        try:
+            outcome = await run_connected(
+                state,
+                trainer,
+                self.options.master,
+                self.stop,
+                session_options,
+                Backoff(),
+                credentials=None if tls is None else channel_credentials(tls),
+                on_connected=lambda: notify.ready(f"connected to {self.options.master}"),
+                token=self.options.token,
+                observer=self.metrics,
+            )
+        finally:
+            if board_stats is not None:
+                board_stats.cancel()
+            if self.metrics_server is not None:
+                self.metrics_server.close()
+        notify.stopping(outcome.reason)
+        await notify.stop_watchdog(watchdog)
         log.info("worker stopped", reason=outcome.reason, rounds_uploaded=state.rounds_done)
         return outcome
 
@@ -89,6 +132,7 @@ class WorkerDaemon:
                 log.warning("second signal: exiting now")
                 sys.exit(1)
             log.info("stopping", signal=signal.Signals(signum).name)
+            notify.stopping()
             self.stop.set()
 
         for signum in (signal.SIGINT, signal.SIGTERM):

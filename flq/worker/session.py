@@ -111,6 +111,7 @@ class SessionOptions:
     device: DeviceInfo = field(default_factory=DeviceInfo)
     location: Location = field(default_factory=Location)
     heartbeat_interval_s: float = 5.0
+    features: dict[str, float] = field(default_factory=dict)  # sent in Hello (LLM weighting)
 
 
 def train_spec_from(config: RoundConfig) -> TrainSpec:
@@ -169,6 +170,7 @@ class _Session:
                 location=self.options.location,
                 upload_ref_version=self.state.upload_version,
                 download_ref_version=self.state.downlink.version,
+                features=self.options.features,
             )
         )
         welcome = await self._recv()

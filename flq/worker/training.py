@@ -31,8 +31,11 @@ def build_trainer(
 ) -> tuple[PartitionTrainer, str]:
     """The trainer for `worker_id` and a short description of the accelerator it runs on."""
     if cfg.dataset.name == "synthetic":
+        if cfg.lora.rank > 0:
+            raise ValueError("lora.rank > 0 needs a Keras model; dataset synthetic has none")
         return _synthetic_trainer(cfg, worker_id, partition_index), "cpu (synthetic)"
     from flq.learning.device import apply_device_caps
+    from flq.learning.lora import LoraSpec
     from flq.learning.partition import load_worker_partition, worker_index
 
     caps = cfg.jetson_optimization
@@ -71,6 +74,9 @@ def build_trainer(
         seed=cfg.system.seed + index,
         prefetch_size=caps.prefetch_size,
         num_parallel_calls=caps.num_parallel_calls,
+        # The model every node builds: with LoRA its frozen base must match the master's.
+        model_seed=cfg.system.seed,
+        lora=LoraSpec.parse(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_layers),
     )
     accelerator = f"gpu x{report.gpus}" if report.gpus else "cpu"
     return PartitionTrainer(trainer, len(part.y)), accelerator

@@ -199,3 +199,61 @@ def test_killed_worker_fails_its_round_and_a_restarted_master_resumes(
     for worker in workers[:2]:
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(30) == 0
+
+
+def test_second_signal_abandons_the_round_and_leaves_a_valid_checkpoint(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    from flq.master.checkpoint import load_checkpoint
+
+    config = _synthetic_config(tmp_path / "cfg.toml", rounds=100_000)
+    text = config.read_text().replace("synthetic_train_s = 0.2", "synthetic_train_s = 4.0")
+    config.write_text(text.replace("round_timeout_s = 3.0", "round_timeout_s = 60.0"))
+    run_dir = tmp_path / "run"
+    port = free_port()
+    master = _spawn(
+        [
+            "flq.cli.master",
+            "run",
+            "--config",
+            str(config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--run-dir",
+            str(run_dir),
+            "--log-format",
+            "json",
+        ],
+        tmp_path / "master.log",
+    )
+    processes.append(master)
+    for i in range(2):
+        processes.append(
+            _spawn(
+                [
+                    "flq.cli.worker",
+                    "run",
+                    "--master",
+                    f"127.0.0.1:{port}",
+                    "--worker-id",
+                    f"w{i}",
+                    "--config",
+                    str(config),
+                    "--log-format",
+                    "json",
+                ],
+                tmp_path / f"worker-{i}.log",
+            )
+        )
+    _wait_until(lambda: len(_rounds(run_dir)) >= 1, 60, "the first round")
+    master.send_signal(signal.SIGTERM)  # waits for the round in flight (4 s of training)
+    time.sleep(0.5)
+    assert master.poll() is None, "the first signal lets the round finish"
+    master.send_signal(signal.SIGTERM)  # ...the second one does not
+    assert master.wait(10) == 130
+    log = (tmp_path / "master.log").read_text()
+    assert "forced exit" in log and "Traceback" not in log
+    saved = load_checkpoint(run_dir / "checkpoint.npz")
+    assert int(saved["master"]["round"]) >= 2

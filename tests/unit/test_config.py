@@ -488,6 +488,14 @@ def test_config_to_dict_has_every_section_and_key() -> None:
         assert list(values) == [f.name for f in dataclasses.fields(SECTION_TYPES[section])]
 
 
+# Strings whose rule has a `check`: random text would almost never pass it.
+_CHECKED_STRINGS: dict[str, st.SearchStrategy[Any]] = {
+    "api_key_env": st.from_regex(r"[A-Z_][A-Z0-9_]{0,11}", fullmatch=True),
+    "base_url": st.sampled_from(["", "http://127.0.0.1:8080", "https://proxy.example/v1beta"]),
+    "target_layers": st.sampled_from(["all_dense", "probs", "hidden,probs"]),
+}
+
+
 def _valid_value(item: Setting) -> st.SearchStrategy[Any]:
     """Any value the table allows for one key (used to fuzz the round trips)."""
     rule = item.rule
@@ -497,6 +505,8 @@ def _valid_value(item: Setting) -> st.SearchStrategy[Any]:
         return st.booleans()
     if item.key == "master_url":
         return st.integers(0, 65535).map(lambda port: f"http://127.0.0.1:{port}")
+    if item.key in _CHECKED_STRINGS:
+        return _CHECKED_STRINGS[item.key]
     if item.kind is str:
         return st.text(min_size=1, max_size=12)
     low = rule.minimum if rule.minimum is not None else rule.above

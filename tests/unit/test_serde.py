@@ -55,6 +55,7 @@ WORKER_MESSAGES = [
         location=Location(latitude=48.1, longitude=11.5, site="lab-2"),
         upload_ref_version=7,
         download_ref_version=9,
+        features={"traffic_mbps": 3.5, "battery": 0.25},
     ),
     Hello(worker_id="w4", protocol_version=1, num_samples=0, location=Location(site="field")),
     UploadOffer(
@@ -131,6 +132,10 @@ def test_admin_messages_round_trip() -> None:
         total_downlink_bits=88888,
         workers=(WorkerStatus("w0", True, 1.7e9, 400, 1000, 3, 1, 0),),
         mode="bbit",
+        aggregation_weights={"w0": 0.25, "w1": 0.75},
+        weights_source="fallback:timeout",
+        llm_confidence=0.8,
+        llm_reasoning="no answer within 10 s",
     )
     wire = _bytes_round_trip(serde.status_reply_to_proto(status), pb.StatusReply)
     assert serde.status_reply_from_proto(wire) == status  # type: ignore[arg-type]
@@ -256,6 +261,15 @@ def test_empty_oneof_is_refused() -> None:
                 )
             ),
             "location",
+        ),
+        (pb.WorkerMessage(hello=pb.Hello(worker_id="w", features={"x": math.inf})), "features"),
+        (pb.WorkerMessage(hello=pb.Hello(worker_id="w", features={"": 1.0})), "features"),
+        (pb.WorkerMessage(hello=pb.Hello(worker_id="w", features={"n" * 65: 1.0})), "features"),
+        (
+            pb.WorkerMessage(
+                hello=pb.Hello(worker_id="w", features={f"f{i}": 1.0 for i in range(33)})
+            ),
+            "features",
         ),
         (pb.WorkerMessage(offer=pb.UploadOffer(energy=math.nan)), "offer.energy"),
         (pb.WorkerMessage(offer=pb.UploadOffer(energy=-1.0)), "offer.energy"),

@@ -1,0 +1,118 @@
+"""The downlink is converted to protobuf once per round, not once per worker (bench/bench_rounds.py
+found the per-worker conversion among the master's largest costs), and workers still end every
+round holding the master's model. Real gRPC on a free loopback port, synthetic numpy workers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from flq import serde
+from flq.config import default_config, with_overrides
+from flq.master.checkpoint import load_checkpoint, save_checkpoint
+from flq.master.daemon import MasterDaemon, MasterOptions
+from flq.master.federation import build_federation
+from flq.master.results import read_rounds
+from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
+from flq.types import RoundStart
+from flq.worker.connection import Backoff, run_connected
+from flq.worker.session import SessionOptions, WorkerState
+
+PROBLEM = SyntheticProblem(dim=30, samples_per_worker=64, seed=9)
+WORKERS = 4
+ROUNDS = 4
+
+
+def test_round_start_is_converted_once_per_round_for_all_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    converted: list[int] = []  # the round of every RoundStart converted to protobuf
+    real = serde.master_message_to_proto
+
+    def counting(message: Any) -> Any:
+        if isinstance(message, RoundStart):
+            converted.append(message.round)
+        return real(message)
+
+    monkeypatch.setattr(serde, "master_message_to_proto", counting)
+    cfg = with_overrides(
+        default_config(),
+        {
+            "system.total_workers": WORKERS,
+            "system.min_workers": WORKERS,
+            "system.max_rounds": ROUNDS,
+            "system.round_timeout_s": 10.0,
+            "system.master_url": "http://127.0.0.1:0",
+            "flq_algorithm.mode": "bbit",
+            "flq_algorithm.b_down": 8,  # round 1 a keyframe, later rounds an 8-bit delta
+            "lazy_selection.warmup": 1,
+        },
+    )
+    states = [WorkerState(f"w{i}") for i in range(WORKERS)]
+
+    async def scenario() -> MasterDaemon:
+        daemon = MasterDaemon(
+            cfg,
+            MasterOptions(
+                port=0,
+                run_dir=tmp_path,
+                federation_factory=lambda c: build_federation(c, SyntheticEvaluation(PROBLEM)),
+            ),
+        )
+        master = asyncio.create_task(daemon.run())
+        await asyncio.wait_for(daemon.ready.wait(), 30)
+        stop = asyncio.Event()
+        workers = [
+            asyncio.create_task(
+                run_connected(
+                    state,
+                    SyntheticTrainer(PROBLEM, i),
+                    f"127.0.0.1:{daemon.port}",
+                    stop,
+                    SessionOptions(heartbeat_interval_s=0.2),
+                    Backoff(base_s=0.05, cap_s=0.5),
+                )
+            )
+            for i, state in enumerate(states)
+        ]
+        await asyncio.wait_for(master, 60)
+        await asyncio.wait_for(asyncio.gather(*workers), 10)
+        return daemon
+
+    daemon = asyncio.run(scenario())
+    rows = read_rounds(tmp_path / "rounds.csv")
+    assert [int(r["failed"]) for r in rows] == [0] * ROUNDS
+    # Every round was sent to all four workers, yet each round's message was converted once
+    # (the small synthetic model fits in one part).
+    assert sorted(converted) == list(range(1, ROUNDS + 1))
+    # ...and every worker ended holding the master's downlink reference, bit for bit.
+    assert daemon.federation is not None
+    reference = daemon.federation.state.downlink.reference
+    assert reference is not None
+    for state in states:
+        assert state.downlink.version == daemon.federation.state.downlink.version
+        held = state.downlink.weights
+        for mine, theirs in zip(held, reference, strict=True):
+            np.testing.assert_array_equal(mine, theirs)
+
+
+def test_checkpoint_written_straight_to_disk_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt" / "checkpoint.npz"
+    rng = np.random.default_rng(0)
+    state = {
+        "round": 7,
+        "weights": [rng.normal(size=(30, 4)).astype(np.float32), np.zeros(4, np.float32)],
+        "store": {"ids": ["w0", "w1"], "contributions": {"0": [np.ones(3, np.float32)]}},
+    }
+    save_checkpoint(path, state)
+    save_checkpoint(path, {**state, "round": 8})  # replaces the first atomically
+    loaded = load_checkpoint(path)
+    assert loaded["round"] == 8
+    assert loaded["store"]["ids"] == ["w0", "w1"]
+    np.testing.assert_array_equal(loaded["weights"][0], state["weights"][0])
+    np.testing.assert_array_equal(loaded["store"]["contributions"]["0"][0], np.ones(3))
+    assert [p.name for p in path.parent.iterdir()] == ["checkpoint.npz"]  # no temp file left

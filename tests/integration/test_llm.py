@@ -1,0 +1,391 @@
+"""LLM-proposed aggregation weights: the real google-genai SDK against a stand-in Gemini server on
+127.0.0.1 (tests/gemini_standin.py), the round engine in memory and over gRPC, and `flq demo
+--weighting llm` as real processes. Every failure path must fall back to sample weights with its
+reason recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from structlog.testing import capture_logs
+
+from flq import serde
+from flq.config import Config, default_config, with_overrides
+from flq.grpc_options import CLIENT_OPTIONS
+from flq.log import QUIET_ENV
+from flq.master.daemon import MasterDaemon, MasterOptions
+from flq.master.federation import build_federation
+from flq.master.llm import BASE_URL_ENV, ContributorFacts, LlmSettings, LlmWeighting
+from flq.master.results import read_rounds
+from flq.pb import flq_pb2 as pb
+from flq.pb import flq_pb2_grpc as pb_grpc
+from flq.sim import simulate_async
+from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
+from flq.types import Location
+from flq.worker.connection import Backoff, run_connected
+from flq.worker.session import SessionOptions, WorkerState
+from tests.gemini_standin import (
+    API_KEY,
+    INTERNAL,
+    QUOTA,
+    GeminiStandIn,
+    Reply,
+    proposal,
+    ranked_proposal,
+    running,
+)
+
+PROBLEM = SyntheticProblem(dim=20, samples_per_worker=48, seed=9)
+FACTS = [
+    ContributorFacts(
+        "w0",
+        100,
+        True,
+        0,
+        4096,
+        (2.0, 1.5, 1.2),
+        Location(48.1, 11.5, "greenhouse-3"),
+        {"traffic_mbps": 3.5},
+    ),
+    ContributorFacts("w1", 300, False, 2, 2048, (1.0, 1.1, 1.3)),
+]
+SAMPLE_WEIGHTS = {"w0": 100.0, "w1": 300.0}
+KEY_ENV = {"GEMINI_API_KEY": API_KEY}
+
+
+@pytest.fixture
+def standin() -> Iterator[GeminiStandIn]:
+    with running() as server:
+        yield server
+
+
+def advisor(server: GeminiStandIn, **settings: Any) -> LlmWeighting:
+    return LlmWeighting(LlmSettings(base_url=server.base_url, **settings), environ=KEY_ENV)
+
+
+async def advise(adv: LlmWeighting, round_id: int, facts: list[ContributorFacts] = FACTS) -> Any:
+    try:
+        return await adv.advise(round_id, facts)
+    finally:
+        await adv.aclose()
+
+
+def test_a_valid_answer_becomes_the_rounds_weights(standin: GeminiStandIn) -> None:
+    standin.script(Reply(text=proposal({"w0": 1.0, "w1": 3.0}, confidence=0.8)))
+    decision = asyncio.run(advise(advisor(standin, model="gemini-test"), 7))
+    assert decision.source == "llm"
+    assert decision.weights == pytest.approx({"w0": 0.25, "w1": 0.75})
+    assert decision.confidence == 0.8 and "falling loss" in decision.reasoning
+    # What went over the wire: the real SDK's generateContent call, the key in its header.
+    (request,) = standin.requests
+    assert request.path.endswith("/models/gemini-test:generateContent")
+    assert request.headers["x-goog-api-key"] == API_KEY
+    config = request.body["generationConfig"]
+    assert config["responseMimeType"] == "application/json"
+    assert request.worker_ids == ["w0", "w1"]  # the response schema allows exactly these ids
+    w0, w1 = request.workers
+    assert w0["location"] == {"latitude": 48.1, "longitude": 11.5, "site": "greenhouse-3"}
+    assert w0["features"] == {"traffic_mbps": 3.5}
+    assert w0["loss_trend"]["direction"] == "falling" and w1["loss_trend"]["direction"] == "rising"
+    assert (w0["staleness_rounds"], w1["staleness_rounds"]) == (0, 2)
+    assert (w0["samples"], w1["bits_sent"], w0["recent_losses"]) == (100, 2048, [2.0, 1.5, 1.2])
+    assert "location" not in w1 and "Round 7." in request.prompt
+
+
+@pytest.mark.parametrize(
+    ("reply", "source"),
+    [
+        (Reply(text="the weights are w0=1, w1=2"), "fallback:invalid_json"),
+        (QUOTA, "fallback:quota"),
+        (INTERNAL, "fallback:http_500"),
+        (Reply(text=proposal({"w0": 1.0, "w1": 1.0}, confidence=0.2)), "fallback:low_confidence"),
+        (Reply(text=proposal({"w0": 1.0})), "fallback:missing_workers"),
+        (Reply(text=proposal({"w0": 1.0, "w1": 1.0, "w7": 1.0})), "fallback:extra_workers"),
+        (Reply(text=proposal({"w0": -1.0, "w1": 2.0})), "fallback:bad_weights"),
+        (Reply(text=proposal({"w0": 0.0, "w1": 0.0})), "fallback:bad_weights"),
+        (Reply(text=proposal({"w0": 1.0, "w1": 1.0}, confidence=7.0)), "fallback:bad_confidence"),
+        (Reply(text=""), "fallback:empty_answer"),
+    ],
+    ids=[
+        "malformed-json",
+        "http-429",
+        "http-500",
+        "low-confidence",
+        "missing-worker",
+        "extra-worker",
+        "negative-weight",
+        "zero-sum",
+        "confidence-out-of-range",
+        "empty",
+    ],
+)
+def test_every_bad_answer_falls_back_to_sample_weights_with_its_reason(
+    standin: GeminiStandIn, reply: Reply, source: str
+) -> None:
+    standin.script(reply)
+    with capture_logs() as logs:
+        decision = asyncio.run(advise(advisor(standin, min_confidence=0.5), 3))
+    assert decision.source == source
+    assert decision.weights == SAMPLE_WEIGHTS
+    assert decision.reasoning  # the detail of why, for the results and `flq status`
+    assert len(standin.requests) == 1  # the SDK did not retry behind our back
+    fell_back = [e for e in logs if e["event"].startswith("LLM weighting fell back")]
+    assert [e["reason"] for e in fell_back] == [source.removeprefix("fallback:")]
+    assert API_KEY not in repr(logs)
+
+
+def test_low_confidence_keeps_the_confidence_it_was_given(standin: GeminiStandIn) -> None:
+    standin.script(Reply(text=proposal({"w0": 1.0, "w1": 1.0}, confidence=0.2)))
+    decision = asyncio.run(advise(advisor(standin, min_confidence=0.5), 1))
+    assert decision.confidence == pytest.approx(0.2)
+    assert "0.20 < min_confidence 0.50" in decision.reasoning
+
+
+def test_a_slow_answer_is_not_waited_for(standin: GeminiStandIn) -> None:
+    standin.script(Reply(text=proposal({"w0": 1.0, "w1": 1.0}), delay_s=3.0))
+    began = time.monotonic()
+    decision = asyncio.run(advise(advisor(standin, timeout_s=0.3), 1))
+    waited = time.monotonic() - began
+    assert decision.source == "fallback:timeout" and decision.weights == SAMPLE_WEIGHTS
+    assert waited < 2.5  # gave up long before the answer came (3 s)
+
+
+def test_an_unreachable_endpoint_falls_back() -> None:
+    server = GeminiStandIn().start()
+    url = server.base_url
+    server.stop()  # nothing listens there any more
+    adv = LlmWeighting(LlmSettings(base_url=url, timeout_s=5.0), environ=KEY_ENV)
+    decision = asyncio.run(advise(adv, 1))
+    assert decision.source == "fallback:network" and decision.weights == SAMPLE_WEIGHTS
+
+
+def test_the_answer_is_reused_for_cache_rounds_and_asked_again_after(
+    standin: GeminiStandIn,
+) -> None:
+    adv = advisor(standin, cache_rounds=3)
+    newcomer = [*FACTS, ContributorFacts("w2", 50, True, 0, 100)]
+
+    async def rounds() -> list[str]:
+        sources = []
+        for round_id in (1, 2, 3, 4):
+            sources.append((await adv.advise(round_id, FACTS)).source)
+        sources.append((await adv.advise(5, newcomer)).source)  # w2 is not in the cached answer
+        standin.script(INTERNAL)
+        sources.append((await adv.advise(8, newcomer)).source)  # expired; the ask fails
+        sources.append((await adv.advise(9, newcomer)).source)  # a failure is not cached
+        await adv.aclose()
+        return sources
+
+    sources = asyncio.run(rounds())
+    assert sources == ["llm", "cache", "cache", "llm", "llm", "fallback:http_500", "llm"]
+    assert len(standin.requests) == adv.asked == 5
+
+
+def test_cached_weights_are_those_of_the_answer(standin: GeminiStandIn) -> None:
+    adv = advisor(standin, cache_rounds=2)
+
+    async def two() -> tuple[Any, Any]:
+        first = await adv.advise(1, FACTS)
+        second = await adv.advise(2, FACTS[:1])  # w1's contribution no longer counts
+        await adv.aclose()
+        return first, second
+
+    first, second = asyncio.run(two())
+    assert first.weights == pytest.approx({"w0": 1 / 3, "w1": 2 / 3})  # ranked: 1 and 2
+    assert second.source == "cache" and second.weights == pytest.approx({"w0": 1 / 3})
+
+
+def test_without_a_key_nothing_is_sent(standin: GeminiStandIn) -> None:
+    adv = LlmWeighting(LlmSettings(base_url=standin.base_url), environ={})
+    decision = asyncio.run(advise(adv, 1))
+    assert decision.source == "fallback:no_api_key" and standin.requests == []
+
+
+def test_too_many_contributors_for_one_prompt_fall_back(standin: GeminiStandIn) -> None:
+    decision = asyncio.run(advise(advisor(standin, max_clients_in_prompt=1), 1))
+    assert decision.source == "fallback:too_many_clients" and standin.requests == []
+
+
+def test_base_url_comes_from_the_environment_when_the_config_has_none() -> None:
+    cfg = with_overrides(default_config(), {"llm.cache_rounds": 2})
+    settings = LlmSettings.from_config(cfg.llm, {BASE_URL_ENV: "http://127.0.0.1:9"})
+    assert settings.base_url == "http://127.0.0.1:9" and settings.cache_rounds == 2
+    cfg = with_overrides(cfg, {"llm.base_url": "http://proxy:8080"})
+    assert LlmSettings.from_config(cfg.llm, {BASE_URL_ENV: "x"}).base_url == "http://proxy:8080"
+
+
+# ---------------------------------------------------------------- inside a federation
+
+
+def llm_config(base_url: str, **overrides: Any) -> Config:
+    values: dict[str, Any] = {
+        "system.total_workers": 3,
+        "system.min_workers": 3,
+        "system.max_rounds": 5,
+        "system.round_timeout_s": 10.0,
+        "system.master_url": "http://127.0.0.1:0",
+        "model.lr": 0.05,
+        "model.local_steps": 1,
+        "dataset.batch_size": 16,
+        "flq_algorithm.mode": "bbit",
+        "flq_algorithm.b_down": 32,
+        "flq_algorithm.weighting": "llm",
+        "lazy_selection.warmup": 0,
+        "llm.base_url": base_url,
+        "llm.cache_rounds": 2,
+    }
+    values.update(overrides)
+    return with_overrides(default_config(), values)
+
+
+def test_the_engine_aggregates_with_the_llm_weights_and_records_them(
+    standin: GeminiStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GEMINI_API_KEY", API_KEY)
+    cfg = llm_config(standin.base_url)
+    # Round 1 asks (ranked answer), 2 reuses it, 3 asks and gets HTTP 500, 4 asks again, 5 reuses.
+    standin.script(ranked_proposal, INTERNAL)
+    federation = build_federation(cfg, SyntheticEvaluation(PROBLEM))
+    trainers = [SyntheticTrainer(PROBLEM, i) for i in range(3)]
+    rows: list[dict[str, Any]] = []
+    asyncio.run(
+        simulate_async(
+            cfg, tmp_path, on_round=rows.append, trainers=trainers, federation=federation
+        )
+    )
+    assert [r["weights_source"] for r in rows] == [
+        "llm",
+        "cache",
+        "fallback:http_500",
+        "llm",
+        "cache",
+    ]
+    ranked = "w0:0.1667;w1:0.3333;w2:0.5"
+    equal = "w0:0.3333;w1:0.3333;w2:0.3333"  # sample counts, all 48
+    assert [r["weights_used"] for r in rows] == [ranked, ranked, equal, ranked, ranked]
+    assert [r["llm_confidence"] for r in rows] == ["0.900000"] * 2 + ["nan"] + ["0.900000"] * 2
+    assert rows[2]["llm_reasoning"] == "HTTP 500 INTERNAL"
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])  # it still learns
+    # The weights reached the aggregate: each worker's accumulated weight is the sum used.
+    store = federation.state.store
+    assert store.weight_used("w2") == pytest.approx(4 * 0.5 + 1 / 3)
+    on_disk = read_rounds(tmp_path / "rounds.csv")
+    assert [r["weights_source"] for r in on_disk] == [r["weights_source"] for r in rows]
+
+
+async def _status(port: int) -> pb.StatusReply:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CLIENT_OPTIONS) as channel:
+        reply: pb.StatusReply = await pb_grpc.FLQStub(channel).Status(pb.StatusRequest())
+        return reply
+
+
+def test_over_grpc_the_prompt_carries_what_workers_report_and_status_shows_the_weights(
+    standin: GeminiStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GEMINI_API_KEY", API_KEY)
+    cfg = llm_config(standin.base_url, **{"system.max_rounds": 1000, "llm.cache_rounds": 1})
+    sites = {
+        "w0": SessionOptions(
+            heartbeat_interval_s=0.5,
+            location=Location(latitude=52.5, longitude=13.4, site="roof"),
+            features={"traffic_mbps": 12.5, "cpu_load": 0.75},
+        ),
+        "w1": SessionOptions(heartbeat_interval_s=0.5, location=Location(site="cellar")),
+        "w2": SessionOptions(heartbeat_interval_s=0.5),
+    }
+
+    async def scenario() -> pb.StatusReply:
+        daemon = MasterDaemon(
+            cfg,
+            MasterOptions(
+                port=0,
+                run_dir=tmp_path,
+                federation_factory=lambda c: build_federation(c, SyntheticEvaluation(PROBLEM)),
+            ),
+        )
+        master = asyncio.create_task(daemon.run())
+        await asyncio.wait_for(daemon.ready.wait(), 30)
+        stop = asyncio.Event()
+        workers = [
+            asyncio.create_task(
+                run_connected(
+                    WorkerState(worker_id),
+                    SyntheticTrainer(PROBLEM, i),
+                    f"127.0.0.1:{daemon.port}",
+                    stop,
+                    options,
+                    Backoff(base_s=0.05, cap_s=0.5),
+                )
+            )
+            for i, (worker_id, options) in enumerate(sites.items())
+        ]
+        while daemon.federation is None or daemon.federation.state.round <= 3:
+            await asyncio.sleep(0.05)
+        status = await _status(daemon.port)
+        daemon.request_stop("test over")
+        await asyncio.wait_for(master, 30)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*workers), 10)
+        return status
+
+    status = asyncio.run(scenario())
+    assert status.weights_source == "llm" and status.llm_confidence == pytest.approx(0.9)
+    assert dict(status.aggregation_weights) == pytest.approx({"w0": 1 / 6, "w1": 1 / 3, "w2": 0.5})
+    assert "falling loss" in status.llm_reasoning
+    domain = serde.status_reply_from_proto(status)
+    assert domain.weights_source == "llm" and set(domain.aggregation_weights) == set(sites)
+    facts = {w["worker_id"]: w for w in standin.requests[-1].workers}
+    assert facts["w0"]["location"] == {"latitude": 52.5, "longitude": 13.4, "site": "roof"}
+    assert facts["w0"]["features"] == {"cpu_load": 0.75, "traffic_mbps": 12.5}
+    assert facts["w1"]["location"] == {"site": "cellar"} and "features" not in facts["w1"]
+    assert all(len(f["recent_losses"]) >= 2 for f in facts.values())
+
+
+@pytest.mark.slow
+def test_demo_with_llm_weighting_reuses_the_answer_between_asks(
+    standin: GeminiStandIn, tmp_path: Path
+) -> None:
+    base = tmp_path / "base.toml"
+    base.write_text(
+        "[model]\nlr = 0.05\nlocal_steps = 1\n[dataset]\nbatch_size = 16\n"
+        "[lazy_selection]\nwarmup = 1\n[llm]\ncache_rounds = 3\ntimeout_s = 5.0\n"
+    )
+    out = tmp_path / "demo"
+    env = {
+        **os.environ,
+        **QUIET_ENV,
+        "GEMINI_API_KEY": API_KEY,
+        BASE_URL_ENV: standin.base_url,
+        "PYTHONUNBUFFERED": "1",
+    }
+    args = ["demo", "--weighting", "llm", "--dataset", "synthetic", "--workers", "2"]
+    args += ["--rounds", "6", "--no-lazy", "--config", str(base), "--out", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "flq.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = read_rounds(out / "rounds.csv")
+    sources = [r["weights_source"] for r in rows]
+    assert sources == ["llm", "cache", "cache", "llm", "cache", "cache"]
+    assert len(standin.requests) == 2
+    assert all(r["weights_used"] == "w0:0.3333;w1:0.6667" for r in rows)
+    assert all(r["llm_reasoning"] == "w1 has more data and a falling loss" for r in rows)
+    assert API_KEY not in (out / "master.log").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["flq_algorithm"]["weighting"] == "llm"
+    assert not math.isnan(float(rows[-1]["accuracy"]))

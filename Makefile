@@ -14,7 +14,8 @@ DEMO_ARGS   ?=
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: help venv demo test lint format typecheck unit proto proto-check bench bench-codec \
-        system-deps clean
+        bench-accuracy bench-laq bench-compare bench-rounds bench-scale bench-rss system-deps clean \
+        compat
 
 help:
 	@echo "make demo    run the main job (a local federation on 127.0.0.1)"
@@ -36,11 +37,22 @@ $(PROTO_STAMP):
 	touch $@
 
 # Debian's packages some tests use (root on CI; otherwise install them yourself).
+# The deployment tests need sshd, rsync, shellcheck and systemd-analyze: PATH:PACKAGE pairs.
+SYSTEM_TOOLS := /usr/sbin/sshd:openssh-server /usr/bin/rsync:rsync \
+                /usr/bin/shellcheck:shellcheck /usr/bin/systemd-analyze:systemd
 system-deps:
 	@if [ ! -d $(FASHION_DIR) ]; then \
 	  echo "installing dataset-fashion-mnist"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
 	    || { echo "could not install dataset-fashion-mnist (need root: sudo make system-deps)"; exit 1; }; \
+	fi
+	@missing=""; for tool in $(SYSTEM_TOOLS); do \
+	  [ -x "$${tool%%:*}" ] || missing="$$missing $${tool#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null \
+	    || { echo "could not install$$missing (need root: sudo make system-deps)"; exit 1; }; \
 	fi
 
 proto: $(PROTO_STAMP)
@@ -63,10 +75,68 @@ format: $(STAMP)
 test: $(STAMP) $(PROTO_STAMP) system-deps lint typecheck
 	$(QUIET_ENV) FLQ_PROTO_PYTHON=$(PROTO_VENV)/bin/python $(BIN)/pytest $(PYTEST_ARGS)
 
+# JetPack 6's line (not part of test): tensorflow-cpu 2.16.1 with protobuf 4.25 and gRPC 1.62,
+# the pins of jetson/requirements-jp6.txt, the project itself with --no-deps; then the unit and
+# loopback tests on it, proving the committed stubs and the code work there.
+COMPAT_VENV  := .venv-compat
+COMPAT_STAMP := $(COMPAT_VENV)/.installed
+COMPAT_TESTS := tests/unit tests/integration/test_grpc_loopback.py tests/integration/test_engine_memory.py
+# The dev and llm extras of pyproject.toml, for the tests themselves.
+export COMPAT_EXTRAS := import tomllib; x = tomllib.load(open("pyproject.toml", "rb")); \
+  print(*(r for e in ("dev", "llm") for r in x["project"]["optional-dependencies"][e]))
+
+$(COMPAT_STAMP): jetson/requirements-jp6.txt pyproject.toml
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install --quiet --upgrade pip
+	$(COMPAT_VENV)/bin/pip install --quiet -c jetson/requirements-jp6.txt 'tensorflow-cpu==2.16.1' \
+	  -r jetson/requirements-jp6.txt $$($(PYTHON) -c "$$COMPAT_EXTRAS")
+	$(COMPAT_VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+compat: $(COMPAT_STAMP) system-deps
+	$(COMPAT_VENV)/bin/pip check
+	$(QUIET_ENV) $(COMPAT_VENV)/bin/python -m pytest -q $(COMPAT_TESTS) $(PYTEST_ARGS)
+
 bench-codec: $(STAMP)
 	$(QUIET_ENV) $(BIN)/python -m bench.bench_codec
 
-bench: bench-codec
+# Benchmarks of docs/benchmarks.md; results land in docs/results/, plots in docs/img/.
+# One BLAS thread: on a small shared machine OpenBLAS's thread pool made a 468k-value dot
+# product 50-100x slower (spinning threads fighting TensorFlow's for the same cores).
+BENCH_ENV   := $(QUIET_ENV) OPENBLAS_NUM_THREADS=1
+BENCH_VENV  := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+# torch (for hivemind's 8-bit quantizer) never enters FLQ's dependencies: its own venv.
+# hivemind without its P2P stack (--no-deps); its compression module needs uvloop, msgpack,
+# protobuf and numpy < 2.4 (it converts 1-element arrays to int, an error from numpy 2.4).
+$(BENCH_STAMP):
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet 'numpy>=1.23,<2.4' 'torch==2.13.0' protobuf uvloop msgpack
+	$(BENCH_VENV)/bin/pip install --quiet --no-deps 'hivemind==1.1.12'
+	touch $@
+
+bench-accuracy: $(STAMP) system-deps
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_accuracy run fmnist
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_accuracy table fmnist --plot docs/img/fmnist-accuracy.png
+
+bench-laq: $(STAMP) system-deps
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_accuracy run laq-gd laq-qgd laq-laq
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_accuracy laq laq-gd laq-qgd laq-laq
+
+bench-compare: $(STAMP) $(BENCH_STAMP)
+	$(BENCH_ENV) $(BENCH_VENV)/bin/python -m bench.bench_compare --json docs/results/compare.json
+
+bench-rounds: $(STAMP)
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_rounds matrix --json docs/results/daemons/matrix.json
+
+bench-scale: $(STAMP)
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_rounds scale --json docs/results/daemons/scale.json
+
+bench-rss: $(STAMP) system-deps
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_rss --json docs/results/daemons/rss.json
+
+bench: bench-codec bench-compare bench-rounds bench-scale bench-rss bench-laq bench-accuracy
 
 clean:
-	rm -rf $(VENV) $(PROTO_VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
+	rm -rf $(VENV) $(PROTO_VENV) $(BENCH_VENV) $(COMPAT_VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

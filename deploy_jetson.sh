@@ -333,10 +333,10 @@ target_install() {
     esac
     # Workers report READY only once connected: never wait for them here.
     if [ "$fresh" = 1 ] || [ -z "$(entry "$old" "etc/$name.env")" ]; then
-      step systemctl enable --now "${block[@]}" "$svc"
+      step systemctl enable --now ${block[@]+"${block[@]}"} "$svc"
     elif [ "$wheel_new" = 1 ] || differs "$old" MANIFEST "etc/$name.env" \
       || differs "$old" MANIFEST "etc/$name.toml" || differs "$old" MANIFEST "units/$unit_file"; then
-      step systemctl restart "${block[@]}" "$svc"
+      step systemctl restart ${block[@]+"${block[@]}"} "$svc"
     fi
   done
   cp MANIFEST "$old"

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import re
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -116,7 +116,7 @@ def _cpu_loads(cores: str) -> tuple[float | None, ...]:
 
 async def read_tegrastats(
     interval_s: float = 1.0, command: str = "tegrastats"
-) -> AsyncIterator[TegraSample]:
+) -> AsyncGenerator[TegraSample, None]:
     """Samples from `tegrastats --interval MS` while it runs; nothing where it is not installed.
 
     The child process is stopped when the caller stops iterating (or is cancelled).

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -184,8 +185,11 @@ class Notifications:
 class Service:
     """One unit, started the way systemd starts it."""
 
-    def __init__(self, unit_file: Path, state: Path, instance: str, tmp: Path) -> None:
+    def __init__(
+        self, unit_file: Path, state: Path, instance: str, tmp: Path, path: str = ""
+    ) -> None:
         self.unit = _render(unit_file.read_text())
+        self.path = path or os.environ["PATH"]
         self.specifiers = {"S": str(state), "i": instance, "%": "%"}
         self.notifications = Notifications(tmp / f"notify-{instance or 'master'}.sock")
         self.log = tmp / f"{unit_file.stem.rstrip('@')}{instance}.log"
@@ -198,7 +202,7 @@ class Service:
         )
         workdir.mkdir(parents=True, exist_ok=True)  # systemd creates StateDirectory=
         env = {
-            "PATH": os.environ["PATH"],
+            "PATH": self.path,
             **QUIET_ENV,
             **unit_env,
             "NOTIFY_SOCKET": str(self.notifications.path),
@@ -217,6 +221,21 @@ class Service:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(60)
+
+
+def _scrape_until(port: int, needle: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                text = reply.read().decode()
+        except OSError:
+            text = ""
+        if needle in text:
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"no {needle} on :{port}/metrics within {timeout}s:\n{text[-2000:]}")
 
 
 @pytest.fixture
@@ -250,9 +269,21 @@ synthetic_train_s = 0.05
 """)
     # The env files as deploy_jetson.sh writes them.
     (etc / "master.env").write_text(f'FLQ_MASTER_ARGS="--config {etc}/flq.toml"\n')
+    metrics_port = free_port()
     (etc / "worker-w1.env").write_text(
-        f'FLQ_WORKER_ARGS="--master 127.0.0.1:{port} --config {etc}/flq.toml --heartbeat 0.5"\n'
+        f'FLQ_WORKER_ARGS="--master 127.0.0.1:{port} --config {etc}/flq.toml --heartbeat 0.5 '
+        f'--metrics-port {metrics_port}"\n'
     )
+    # A stand-in for NVIDIA's tegrastats on the worker's PATH, printing an Orin line each 0.2 s.
+    board_bin = tmp_path / "board-bin"
+    board_bin.mkdir()
+    tegrastats = board_bin / "tegrastats"
+    tegrastats.write_text(
+        f'#!/bin/sh\necho $$ > "{tmp_path}/tegrastats.pid"\n'
+        "while :; do echo 'RAM 3035/7620MB (lfb 1135x4MB) CPU [1%@729,off] GR3D_FREQ 47%@[305] "
+        "cpu@41.5C tj@43C VDD_IN 4361mW/4361mW'; sleep 0.2; done\n"
+    )
+    tegrastats.chmod(0o755)
     state = tmp_path / "var-lib"
     units = {}
     for unit in UNITS.glob("*.service"):  # point EnvironmentFile= at our etc
@@ -267,14 +298,22 @@ synthetic_train_s = 0.05
     assert ready == f"READY=1\nSTATUS=listening on 127.0.0.1:{port}"
     master.notifications.wait_for(lambda m: m == "WATCHDOG=1", "a watchdog ping")
 
-    worker = Service(units["flq-worker@.service"], state, "w1", tmp_path)
+    worker = Service(
+        units["flq-worker@.service"], state, "w1", tmp_path, f"{board_bin}:{os.environ['PATH']}"
+    )
     services.append(worker)
     worker.start()
     ready = worker.notifications.wait_for(lambda m: m.startswith("READY=1"), "worker READY=1")
     assert ready == f"READY=1\nSTATUS=connected to 127.0.0.1:{port}"
     master.notifications.wait_for(lambda m: m.startswith("STATUS=round 2/"), "round 2's STATUS")
+    # The worker exports the board's readings (tegrastats) on its /metrics.
+    metrics = _scrape_until(metrics_port, "flq_board_power_watts")
+    assert 'flq_board_power_watts{rail="VDD_IN"} 4.361' in metrics
+    assert 'flq_board_temperature_celsius{zone="tj"} 43.0' in metrics
 
     assert worker.stop() == 0
+    with pytest.raises(ProcessLookupError):  # the worker stopped tegrastats on its way out
+        os.kill(int((tmp_path / "tegrastats.pid").read_text()), 0)
     worker.notifications.wait_for(lambda m: m.startswith("STOPPING=1"), "worker STOPPING=1")
     assert master.stop() == 0
     master.notifications.wait_for(lambda m: m == "STOPPING=1", "master STOPPING=1")

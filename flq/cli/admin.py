@@ -255,6 +255,10 @@ def status_as_dict(status: StatusReply, now: float) -> dict[str, Any]:
     return data
 
 
+def _weight(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def render_status(status: StatusReply, address: str, now: float) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -277,10 +281,19 @@ def render_status(status: StatusReply, address: str, now: float) -> None:
         f"uplink last round {bits_text(used)}{share}, total {bits_text(status.total_uplink_bits)}"
         f"   downlink total {bits_text(status.total_downlink_bits)}"
     )
+    if status.weights_source:
+        confidence = (
+            ""
+            if math.isnan(status.llm_confidence)
+            else (f"   confidence {status.llm_confidence:.2f}")
+        )
+        reasoning = f"   ({status.llm_reasoning})" if status.llm_reasoning else ""
+        console.print(f"weights from {status.weights_source}{confidence}{reasoning}")
     table = Table(title=f"workers: {connected} connected of {len(status.workers)}")
     for column in ("worker", "connected", "last seen", "samples", "uplink", "uploads", "skips"):
         table.add_column(column, justify="left" if column == "worker" else "right")
     table.add_column("failures", justify="right")
+    table.add_column("weight", justify="right")
     for w in status.workers:
         table.add_row(
             w.worker_id,
@@ -291,6 +304,7 @@ def render_status(status: StatusReply, address: str, now: float) -> None:
             str(w.uploads),
             str(w.skips),
             str(w.failures),
+            _weight(status.aggregation_weights.get(w.worker_id)),
         )
     console.print(table)
 

@@ -229,6 +229,9 @@ def test_status_reports_rounds_workers_and_the_model(
     assert "workers: 2 connected of 2" in text
     assert "w0" in text and "w1" in text and "s ago" in text
     assert "of 5 kbit budget" in text
+    assert "weights from samples" in text
+    assert status["weights_source"] == "samples"
+    assert abs(sum(status["aggregation_weights"].values()) - 1.0) < 1e-6
 
 
 def test_status_of_an_unreachable_master_names_the_address() -> None:

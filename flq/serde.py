@@ -9,6 +9,7 @@ to the master and worker, which know the state.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -48,6 +49,10 @@ MAX_FEATURE_NAME = 64
 SUPPORTED_DTYPES = frozenset({"float32"})
 
 
+_P = TypeVar("_P")
+_D = TypeVar("_D")
+
+
 class WireError(ValueError):
     """A message that is structurally invalid; the text names the field and what was expected."""
 
@@ -81,6 +86,15 @@ def _identifier(value: str, name: str) -> str:
     if not value or len(value) > MAX_ID_LENGTH or not value.isprintable():
         raise WireError(f"{name}: got {value!r}, expected 1..{MAX_ID_LENGTH} printable characters")
     return value
+
+
+def _scalars_to_proto(msg: Any, proto_type: type[_P]) -> _P:
+    """Messages whose fields are all plain scalars copy field by field, by name."""
+    return proto_type(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)})
+
+
+def _scalars_from_proto(msg: Any, domain_type: type[_D]) -> _D:
+    return domain_type(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(domain_type)})  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- tensors
@@ -157,25 +171,11 @@ def _chunks_from_proto(chunks: Sequence[pb.TensorChunk]) -> tuple[TensorChunk, .
 
 
 def device_info_to_proto(info: DeviceInfo) -> pb.DeviceInfo:
-    return pb.DeviceInfo(
-        hostname=info.hostname,
-        platform=info.platform,
-        accelerator=info.accelerator,
-        memory_mb=info.memory_mb,
-        python=info.python,
-        flq_version=info.flq_version,
-    )
+    return _scalars_to_proto(info, pb.DeviceInfo)
 
 
 def device_info_from_proto(msg: pb.DeviceInfo) -> DeviceInfo:
-    return DeviceInfo(
-        hostname=msg.hostname,
-        platform=msg.platform,
-        accelerator=msg.accelerator,
-        memory_mb=msg.memory_mb,
-        python=msg.python,
-        flq_version=msg.flq_version,
-    )
+    return _scalars_from_proto(msg, DeviceInfo)
 
 
 def location_to_proto(loc: Location) -> pb.Location:
@@ -305,11 +305,11 @@ def update_chunk_from_proto(msg: pb.UpdateChunk) -> UpdateChunk:
 
 
 def skip_to_proto(msg: Skip) -> pb.Skip:
-    return pb.Skip(round=msg.round, reason=msg.reason)
+    return _scalars_to_proto(msg, pb.Skip)
 
 
 def skip_from_proto(msg: pb.Skip) -> Skip:
-    return Skip(round=msg.round, reason=msg.reason)
+    return _scalars_from_proto(msg, Skip)
 
 
 def eval_result_to_proto(msg: EvalResult) -> pb.EvalResult:
@@ -344,27 +344,11 @@ def heartbeat_from_proto(msg: pb.Heartbeat) -> Heartbeat:
 
 
 def welcome_to_proto(msg: Welcome) -> pb.Welcome:
-    return pb.Welcome(
-        worker_id=msg.worker_id,
-        protocol_version=msg.protocol_version,
-        session_id=msg.session_id,
-        round=msg.round,
-        reset_references=msg.reset_references,
-        upload_ref_version=msg.upload_ref_version,
-        download_ref_version=msg.download_ref_version,
-    )
+    return _scalars_to_proto(msg, pb.Welcome)
 
 
 def welcome_from_proto(msg: pb.Welcome) -> Welcome:
-    return Welcome(
-        worker_id=msg.worker_id,
-        protocol_version=msg.protocol_version,
-        session_id=msg.session_id,
-        round=msg.round,
-        reset_references=msg.reset_references,
-        upload_ref_version=msg.upload_ref_version,
-        download_ref_version=msg.download_ref_version,
-    )
+    return _scalars_from_proto(msg, Welcome)
 
 
 def round_start_to_proto(msg: RoundStart) -> pb.RoundStart:
@@ -394,86 +378,38 @@ def round_start_from_proto(msg: pb.RoundStart) -> RoundStart:
 
 
 def decision_to_proto(msg: Decision) -> pb.Decision:
-    return pb.Decision(
-        round=msg.round,
-        granted=msg.granted,
-        reason=msg.reason,
-        upload_ref_version=msg.upload_ref_version,
-    )
+    return _scalars_to_proto(msg, pb.Decision)
 
 
 def decision_from_proto(msg: pb.Decision) -> Decision:
-    return Decision(
-        round=msg.round,
-        granted=msg.granted,
-        reason=msg.reason,
-        upload_ref_version=msg.upload_ref_version,
-    )
+    return _scalars_from_proto(msg, Decision)
 
 
 def reset_reference_to_proto(msg: ResetReference) -> pb.ResetReference:
-    return pb.ResetReference(
-        round=msg.round,
-        reason=msg.reason,
-        upload_ref_version=msg.upload_ref_version,
-        download_ref_version=msg.download_ref_version,
-    )
+    return _scalars_to_proto(msg, pb.ResetReference)
 
 
 def reset_reference_from_proto(msg: pb.ResetReference) -> ResetReference:
-    return ResetReference(
-        round=msg.round,
-        reason=msg.reason,
-        upload_ref_version=msg.upload_ref_version,
-        download_ref_version=msg.download_ref_version,
-    )
+    return _scalars_from_proto(msg, ResetReference)
 
 
 def shutdown_to_proto(msg: Shutdown) -> pb.Shutdown:
-    return pb.Shutdown(
-        round=msg.round,
-        reason=msg.reason,
-        reconnect=msg.reconnect,
-        reconnect_after_ms=msg.reconnect_after_ms,
-    )
+    return _scalars_to_proto(msg, pb.Shutdown)
 
 
 def shutdown_from_proto(msg: pb.Shutdown) -> Shutdown:
-    return Shutdown(
-        round=msg.round,
-        reason=msg.reason,
-        reconnect=msg.reconnect,
-        reconnect_after_ms=msg.reconnect_after_ms,
-    )
+    return _scalars_from_proto(msg, Shutdown)
 
 
 # ---------------------------------------------------------------- admin
 
 
 def worker_status_to_proto(msg: WorkerStatus) -> pb.WorkerStatus:
-    return pb.WorkerStatus(
-        worker_id=msg.worker_id,
-        connected=msg.connected,
-        last_seen_unix=msg.last_seen_unix,
-        num_samples=msg.num_samples,
-        uplink_bits=msg.uplink_bits,
-        uploads=msg.uploads,
-        skips=msg.skips,
-        failures=msg.failures,
-    )
+    return _scalars_to_proto(msg, pb.WorkerStatus)
 
 
 def worker_status_from_proto(msg: pb.WorkerStatus) -> WorkerStatus:
-    return WorkerStatus(
-        worker_id=msg.worker_id,
-        connected=msg.connected,
-        last_seen_unix=msg.last_seen_unix,
-        num_samples=msg.num_samples,
-        uplink_bits=msg.uplink_bits,
-        uploads=msg.uploads,
-        skips=msg.skips,
-        failures=msg.failures,
-    )
+    return _scalars_from_proto(msg, WorkerStatus)
 
 
 def model_info_to_proto(msg: ModelInfo) -> pb.ModelInfo:

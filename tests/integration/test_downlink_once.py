@@ -14,13 +14,13 @@ import pytest
 from flq import serde
 from flq.config import default_config, with_overrides
 from flq.master.checkpoint import load_checkpoint, save_checkpoint
-from flq.master.daemon import MasterDaemon, MasterOptions
-from flq.master.federation import build_federation
+from flq.master.daemon import MasterDaemon
 from flq.master.results import read_rounds
-from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
+from flq.synthetic import SyntheticProblem, SyntheticTrainer
 from flq.types import RoundStart
 from flq.worker.connection import Backoff, run_connected
 from flq.worker.session import SessionOptions, WorkerState
+from tests.loopback import start_synthetic_master
 
 PROBLEM = SyntheticProblem(dim=30, samples_per_worker=64, seed=9)
 WORKERS = 4
@@ -55,16 +55,7 @@ def test_round_start_is_converted_once_per_round_for_all_workers(
     states = [WorkerState(f"w{i}") for i in range(WORKERS)]
 
     async def scenario() -> MasterDaemon:
-        daemon = MasterDaemon(
-            cfg,
-            MasterOptions(
-                port=0,
-                run_dir=tmp_path,
-                federation_factory=lambda c: build_federation(c, SyntheticEvaluation(PROBLEM)),
-            ),
-        )
-        master = asyncio.create_task(daemon.run())
-        await asyncio.wait_for(daemon.ready.wait(), 30)
+        daemon, master = await start_synthetic_master(cfg, tmp_path, PROBLEM)
         stop = asyncio.Event()
         workers = [
             asyncio.create_task(

@@ -20,14 +20,14 @@ from flq import serde
 from flq.codec import decode
 from flq.config import Config, default_config, with_overrides
 from flq.grpc_options import CLIENT_OPTIONS
-from flq.master.daemon import MasterDaemon, MasterOptions
-from flq.master.federation import build_federation
+from flq.master.daemon import MasterDaemon
 from flq.master.results import read_rounds
 from flq.pb import flq_pb2 as pb
 from flq.pb import flq_pb2_grpc as pb_grpc
-from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
+from flq.synthetic import SyntheticProblem, SyntheticTrainer
 from flq.worker.connection import Backoff, run_connected
 from flq.worker.session import SessionOptions, WorkerState
+from tests.loopback import start_synthetic_master
 
 PROBLEM = SyntheticProblem(dim=40, samples_per_worker=64, seed=5)
 
@@ -50,17 +50,7 @@ def make_config(**overrides: Any) -> Config:
 
 
 async def start_master(cfg: Config, run_dir: Path) -> tuple[MasterDaemon, asyncio.Task[None]]:
-    daemon = MasterDaemon(
-        cfg,
-        MasterOptions(
-            port=0,
-            run_dir=run_dir,
-            federation_factory=lambda c: build_federation(c, SyntheticEvaluation(PROBLEM)),
-        ),
-    )
-    task = asyncio.create_task(daemon.run())
-    await asyncio.wait_for(daemon.ready.wait(), 30)
-    return daemon, task
+    return await start_synthetic_master(cfg, run_dir, PROBLEM)
 
 
 async def start_workers(port: int, count: int, stop: asyncio.Event) -> list[asyncio.Task[Any]]:

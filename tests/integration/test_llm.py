@@ -24,7 +24,6 @@ from flq import serde
 from flq.config import Config, default_config, with_overrides
 from flq.grpc_options import CLIENT_OPTIONS
 from flq.log import QUIET_ENV
-from flq.master.daemon import MasterDaemon, MasterOptions
 from flq.master.federation import build_federation
 from flq.master.llm import BASE_URL_ENV, ContributorFacts, LlmSettings, LlmWeighting
 from flq.master.results import read_rounds
@@ -45,6 +44,7 @@ from tests.gemini_standin import (
     ranked_proposal,
     running,
 )
+from tests.loopback import start_synthetic_master
 
 PROBLEM = SyntheticProblem(dim=20, samples_per_worker=48, seed=9)
 FACTS = [
@@ -306,16 +306,7 @@ def test_over_grpc_the_prompt_carries_what_workers_report_and_status_shows_the_w
     }
 
     async def scenario() -> pb.StatusReply:
-        daemon = MasterDaemon(
-            cfg,
-            MasterOptions(
-                port=0,
-                run_dir=tmp_path,
-                federation_factory=lambda c: build_federation(c, SyntheticEvaluation(PROBLEM)),
-            ),
-        )
-        master = asyncio.create_task(daemon.run())
-        await asyncio.wait_for(daemon.ready.wait(), 30)
+        daemon, master = await start_synthetic_master(cfg, tmp_path, PROBLEM)
         stop = asyncio.Event()
         workers = [
             asyncio.create_task(

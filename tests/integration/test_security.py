@@ -32,6 +32,7 @@ from flq.security import admin_metadata, channel_credentials, load_client_tls, w
 from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
 from flq.worker.connection import Backoff, FatalConnectionError, run_connected
 from flq.worker.session import SessionEnd, SessionOptions, WorkerState
+from tests.loopback import start_synthetic_master
 
 PROBLEM = SyntheticProblem(dim=24, samples_per_worker=48, seed=11)
 
@@ -88,16 +89,7 @@ def secure_config(certs: Path, **overrides: Any) -> Config:
 
 @asynccontextmanager
 async def running_master(cfg: Config, run_dir: Path) -> AsyncIterator[MasterDaemon]:
-    daemon = MasterDaemon(
-        cfg,
-        MasterOptions(
-            port=0,
-            run_dir=run_dir,
-            federation_factory=lambda c: build_federation(c, SyntheticEvaluation(PROBLEM)),
-        ),
-    )
-    task = asyncio.create_task(daemon.run())
-    await asyncio.wait_for(daemon.ready.wait(), 30)
+    daemon, task = await start_synthetic_master(cfg, run_dir, PROBLEM)
     try:
         yield daemon
     finally:

@@ -1,0 +1,383 @@
+"""Benchmark 1: communication to accuracy, through `flq simulate` (the daemons' round engine).
+
+    python -m bench.bench_accuracy run fmnist-bin fmnist-bin-lazy   # configs in bench/configs/
+    python -m bench.bench_accuracy run fmnist                        # every fmnist-* config
+    python -m bench.bench_accuracy run fmnist-bin-lazy --set lazy_selection.thr_scale=4 \
+        --tag thr4 --rounds 200                                      # a sweep point
+    python -m bench.bench_accuracy table fmnist                      # markdown table + plot
+
+Each run writes docs/results/<run>[-<tag>]/: rounds.csv (the daemons' format), config.toml (the
+resolved config, every default filled in) and summary.json (wall time, machine). `table` reads
+them back, so every figure in docs/benchmarks.md can be re-derived from the committed CSVs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from flq.config import Config, dumps_toml, load_config, with_overrides
+
+CONFIGS = Path(__file__).parent / "configs"
+RESULTS = Path("docs/results")
+IMAGES = Path("docs/img")
+
+# The original FLQ's best figures (DESIGN.md, "Reference results to beat").
+ORIGINAL_BEST_BITS_TO_85 = 3.62e9  # bin
+ORIGINAL_BEST_ROUNDS_TO_85 = 350  # bbit
+
+
+def machine() -> dict[str, Any]:
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return {
+        "nproc": os.cpu_count(),
+        "memory_gib": round(pages / 2**30, 1),
+        "python": platform.python_version(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+    }
+
+
+def config_paths(names: list[str]) -> list[Path]:
+    """`fmnist` expands to every bench/configs/fmnist-*.toml; a full name picks one file."""
+    paths: list[Path] = []
+    for name in names:
+        exact = CONFIGS / f"{name}.toml"
+        found = [exact] if exact.exists() else sorted(CONFIGS.glob(f"{name}-*.toml"))
+        if not found:
+            raise SystemExit(f"no config {exact} and no {name}-*.toml in {CONFIGS}")
+        paths += found
+    return paths
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, _, text = item.partition("=")
+        overrides[key] = json.loads(text) if text[:1] not in ('"', "") else text.strip('"')
+    return overrides
+
+
+def trace_lazy_rule(out: Path) -> Any:
+    """Record, for every prepared upload, the terms of the lazy rule (for choosing thr_scale).
+
+    A worker uploads iff energy > thr_scale * (movement + 3 (err_sq + err_ref)), so
+    ratio = energy / (movement + 3 (err_sq + err_ref)) is the largest thr_scale at which this
+    offer would still have been made. Written to lazy_trace.csv in the run directory.
+    """
+    from flq.algorithm.reference import UploadReference
+
+    original = UploadReference.prepare
+    handle = out.open("w", newline="")
+    writer = csv.writer(handle)
+    writer.writerow(["round", "reference", "energy", "err_sq", "err_ref", "movement", "ratio"])
+
+    def prepare(self: Any, update: Any, round_index: int, rng: Any) -> Any:
+        prepared = original(self, update, round_index, rng)
+        lazy = self.settings.lazy
+        movement = lazy.ck / lazy.history * sum(list(self.history)[-lazy.history :])
+        base = movement + 3.0 * (prepared.err_sq + self.err_sq)
+        ratio = prepared.energy / base if base > 0 else math.inf
+        writer.writerow(
+            [
+                round_index + 1,
+                id(self) % 100003,
+                f"{prepared.energy:.6g}",
+                f"{prepared.err_sq:.6g}",
+                f"{self.err_sq:.6g}",
+                f"{movement:.6g}",
+                f"{ratio:.6g}",
+            ]
+        )
+        return prepared
+
+    UploadReference.prepare = prepare  # type: ignore[method-assign]
+
+    def close() -> None:
+        UploadReference.prepare = original  # type: ignore[method-assign]
+        handle.close()
+
+    return close
+
+
+def run_one(
+    path: Path, overrides: dict[str, Any], tag: str, out_root: Path, trace: bool = False
+) -> Path:
+    from flq.log import configure_logging
+    from flq.sim import simulate
+
+    cfg: Config = load_config(path)
+    if overrides:
+        cfg = with_overrides(cfg, overrides)
+    name = path.stem + (f"-{tag}" if tag else "")
+    run_dir = out_root / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(
+        f"# {path.name} with {json.dumps(overrides)}\n" + dumps_toml(cfg)
+    )
+    configure_logging("warning", "json")
+    tracer = trace_lazy_rule(run_dir / "lazy_trace.csv") if trace else None
+    began = time.perf_counter()
+    rows = 0
+
+    def progress(row: dict[str, Any]) -> None:
+        nonlocal rows
+        rows += 1
+        if row["accuracy"] != "nan" and int(row["round"]) % cfg.system.eval_every == 0:
+            print(
+                f"{name} round {row['round']} acc {row['accuracy']} up {row['cum_uplink_bits']}"
+                f" skip {row['skipped']} {time.perf_counter() - began:.0f}s",
+                flush=True,
+            )
+
+    result = simulate(cfg, run_dir, on_round=progress)
+    if tracer is not None:
+        tracer()
+    wall = time.perf_counter() - began
+    (run_dir / "rounds.xlsx").unlink(missing_ok=True)  # keep docs/results small: csv only
+    summary = {
+        "run": name,
+        "config": str(path),
+        "overrides": overrides,
+        "rounds": result.rounds,
+        "accuracy": result.accuracy,
+        "uplink_bits": result.uplink_bits,
+        "downlink_bits": result.downlink_bits,
+        "wire_bytes": result.wire_bytes,
+        "wall_s": round(wall, 1),
+        "machine": machine(),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{name}: done {json.dumps(summary)}", flush=True)
+    return run_dir
+
+
+# ---------------------------------------------------------------- reading the runs back
+
+
+@dataclass(frozen=True)
+class RunStats:
+    name: str
+    mode: str
+    thr_scale: float
+    rounds: int
+    best: float
+    final: float
+    round_to_80: int | None
+    round_to_85: int | None
+    up_bits_to_85: float | None
+    total_bits_to_85: float | None
+    up_bits: float
+    skipped: int
+    offers: int
+    wall_s: float
+
+
+def first_round(rows: list[dict[str, str]], level: float) -> int | None:
+    for row in rows:
+        if _acc(row) >= level:
+            return int(row["round"])
+    return None
+
+
+def _acc(row: dict[str, str]) -> float:
+    text = row["accuracy"]
+    return float(text) if text not in ("", "nan") else -math.inf
+
+
+def bits_through(rows: list[dict[str, str]], last: int | None, key: str) -> float | None:
+    if last is None:
+        return None
+    return float(sum(int(r[key]) for r in rows if int(r["round"]) <= last))
+
+
+def run_stats(run_dir: Path) -> RunStats:
+    with (run_dir / "rounds.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = load_config(run_dir / "config.toml")
+    evaluated = [r for r in rows if _acc(r) > -math.inf]
+    r85 = first_round(rows, 0.85)
+    up85 = bits_through(rows, r85, "uplink_bits")
+    down85 = bits_through(rows, r85, "downlink_bits")
+    return RunStats(
+        name=run_dir.name,
+        mode=cfg.flq_algorithm.mode,
+        thr_scale=cfg.lazy_selection.thr_scale,
+        rounds=len(rows),
+        best=max(_acc(r) for r in evaluated),
+        final=_acc(evaluated[-1]),
+        round_to_80=first_round(rows, 0.80),
+        round_to_85=r85,
+        up_bits_to_85=up85,
+        total_bits_to_85=None if up85 is None or down85 is None else up85 + down85,
+        up_bits=float(sum(int(r["uplink_bits"]) for r in rows)),
+        skipped=sum(int(r["skipped"]) for r in rows),
+        offers=sum(int(r["participants"] or 0) for r in rows),
+        wall_s=float(summary["wall_s"]),
+    )
+
+
+def _sci(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}"
+
+
+def _int(value: int | None) -> str:
+    return "—" if value is None else str(value)
+
+
+def markdown_table(stats: list[RunStats]) -> str:
+    lines = [
+        "| run | mode | thr_scale | rounds run | best acc | final acc | round to 80% "
+        "| round to 85% | uplink bits to 85% | total bits to 85% | uploads skipped | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in stats:
+        skipped = f"{s.skipped} / {s.offers}" if s.offers else str(s.skipped)
+        lines.append(
+            f"| {s.name} | {s.mode} | {s.thr_scale:g} | {s.rounds} | {s.best:.4f} | "
+            f"{s.final:.4f} | {_int(s.round_to_80)} | {_int(s.round_to_85)} | "
+            f"{_sci(s.up_bits_to_85)} | {_sci(s.total_bits_to_85)} | {skipped} | {s.wall_s:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def verdict(stats: list[RunStats]) -> str:
+    lines = []
+    for s in stats:
+        if s.round_to_85 is None or s.up_bits_to_85 is None:
+            lines.append(f"- {s.name}: did not reach 85% in {s.rounds} rounds")
+            continue
+        bits_ok = s.up_bits_to_85 <= ORIGINAL_BEST_BITS_TO_85 / 2
+        rounds_ok = s.round_to_85 < ORIGINAL_BEST_ROUNDS_TO_85
+        lines.append(
+            f"- {s.name}: {s.up_bits_to_85 / ORIGINAL_BEST_BITS_TO_85:.1%} of the original's "
+            f"best uplink bits ({'meets' if bits_ok else 'misses'} <= 50%), "
+            f"{s.round_to_85} rounds ({'meets' if rounds_ok else 'misses'} < 350)"
+        )
+    return "\n".join(lines)
+
+
+def plot(run_dirs: list[Path], out: Path, title: str) -> Path:
+    from flq.report import load_curve, plot_curves
+
+    return plot_curves([load_curve(d) for d in run_dirs], out, title)
+
+
+# ---------------------------------------------------------------- the LAQ setting: loss curves
+
+
+def loss_curves(run_dir: Path) -> tuple[list[int], list[float], list[float], int, int]:
+    """(rounds, training loss, cumulative uplink bits, uploads, skipped) of one run. The training
+    loss is the sample-weighted mean each worker reports for the model it was sent: with full
+    local gradients that is the global objective f(theta^k) at every iteration."""
+    with (run_dir / "rounds.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rounds, losses, bits = [], [], []
+    total = 0.0
+    for row in rows:
+        total += float(row["uplink_bits"])
+        rounds.append(int(row["round"]))
+        losses.append(float(row["train_loss"]))
+        bits.append(total)
+    uploads = sum(int(r["selected"]) for r in rows)
+    skipped = sum(int(r["skipped"]) for r in rows)
+    return rounds, losses, bits, uploads, skipped
+
+
+def laq_report(run_dirs: list[Path], out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {d.name: loss_curves(d) for d in run_dirs}
+    # A loss every run reaches: 1% above the worst run's final loss.
+    level = max(c[1][-1] for c in curves.values()) * 1.01
+    fig, (by_iter, by_bits) = plt.subplots(1, 2, figsize=(11, 4.2))
+    lines = [
+        f"| run | iterations | final loss | uploads | skipped | uplink bits "
+        f"| iterations to loss {level:.4f} | uplink bits to loss {level:.4f} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (rounds, losses, bits, uploads, skipped) in curves.items():
+        by_iter.plot(rounds, losses, label=name)
+        by_bits.plot(bits, losses, label=name)
+        hit = next((i for i, loss in enumerate(losses) if loss <= level), None)
+        lines.append(
+            f"| {name} | {rounds[-1]} | {losses[-1]:.4f} | {uploads} | {skipped} | "
+            f"{bits[-1]:.3g} | {'—' if hit is None else rounds[hit]} | "
+            f"{'—' if hit is None else f'{bits[hit]:.3g}'} |"
+        )
+    by_iter.set_xlabel("iteration")
+    by_bits.set_xlabel("cumulative uplink bits")
+    by_bits.set_xscale("log")
+    for axis in (by_iter, by_bits):
+        axis.set_ylabel("training loss f(theta)")
+        axis.set_yscale("log")
+        axis.grid(alpha=0.3, which="both")
+        axis.legend(fontsize=8)
+    fig.suptitle("LAQ setting: softmax regression, Fashion-MNIST, 10 workers, full gradients")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run configs from bench/configs")
+    run.add_argument("names", nargs="+")
+    run.add_argument("--set", action="append", default=[], help="section.key=value (JSON value)")
+    run.add_argument("--tag", default="", help="suffix for the run directory (sweeps)")
+    run.add_argument("--rounds", type=int, help="override system.max_rounds")
+    run.add_argument("--out", type=Path, default=RESULTS)
+    run.add_argument("--trace", action="store_true", help="write lazy_trace.csv (rule terms)")
+    table = sub.add_parser("table", help="markdown table and plot of finished runs")
+    table.add_argument("names", nargs="+", help="run directory names or prefixes")
+    table.add_argument("--out", type=Path, default=RESULTS)
+    table.add_argument("--plot", type=Path, help="image to draw (accuracy vs round and bits)")
+    laq = sub.add_parser("laq", help="LAQ-setting table and loss plot (iterations, bits)")
+    laq.add_argument("names", nargs="+", help="run directory names")
+    laq.add_argument("--out", type=Path, default=RESULTS)
+    laq.add_argument("--plot", type=Path, default=IMAGES / "laq-loss.png")
+    args = parser.parse_args(argv)
+
+    if args.command == "laq":
+        print(laq_report([args.out / n for n in args.names], args.plot))
+        print(f"plot: {args.plot}")
+        return 0
+    if args.command == "run":
+        overrides = parse_sets(args.set)
+        if args.rounds:
+            overrides["system.max_rounds"] = args.rounds
+        for path in config_paths(args.names):
+            run_one(path, overrides, args.tag, args.out, args.trace)
+        return 0
+    dirs: list[Path] = []
+    for name in args.names:
+        exact = args.out / name
+        dirs += [exact] if exact.is_dir() else sorted(args.out.glob(f"{name}-*"))
+    dirs = [d for d in dirs if (d / "summary.json").exists()]
+    stats = [run_stats(d) for d in dirs]
+    print(markdown_table(stats))
+    print()
+    print(verdict(stats))
+    if args.plot:
+        print(f"plot: {plot(dirs, args.plot, '')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,9 @@
     python -m bench.bench_accuracy run fmnist                        # every fmnist-* config
     python -m bench.bench_accuracy run fmnist-bin-lazy --set lazy_selection.thr_scale=4 \
         --tag thr4 --rounds 200                                      # a sweep point
-    python -m bench.bench_accuracy table fmnist                      # markdown table + plot
+    python -m bench.bench_accuracy table fmnist --plot docs/img/fmnist-accuracy.png
+    python -m bench.bench_accuracy run laq-gd laq-qgd laq-laq        # the LAQ paper's setting
+    python -m bench.bench_accuracy laq laq-gd laq-qgd laq-laq        # its table + loss plot
 
 Each run writes docs/results/<run>[-<tag>]/: rounds.csv (the daemons' format), config.toml (the
 resolved config, every default filled in) and summary.json (wall time, machine). `table` reads
@@ -146,7 +148,7 @@ def run_one(
     (run_dir / "rounds.xlsx").unlink(missing_ok=True)  # keep docs/results small: csv only
     summary = {
         "run": name,
-        "config": str(path),
+        "config": os.path.relpath(path),
         "overrides": overrides,
         "rounds": result.rounds,
         "accuracy": result.accuracy,
@@ -198,6 +200,10 @@ def bits_through(rows: list[dict[str, str]], last: int | None, key: str) -> floa
     if last is None:
         return None
     return float(sum(int(r[key]) for r in rows if int(r["round"]) <= last))
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    return dict(json.loads((run_dir / "summary.json").read_text()))
 
 
 def run_stats(run_dir: Path) -> RunStats:
@@ -375,7 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(verdict(stats))
     if args.plot:
-        print(f"plot: {plot(dirs, args.plot, '')}")
+        # Sweep points stopped by hand (summary "aborted") are in the table, not in the plot.
+        finished = [d for d in dirs if "aborted" not in _summary(d)]
+        title = "Fashion-MNIST, CNN, 20 workers, Dirichlet 0.1, 17 Mbit/round uplink budget"
+        print(f"plot: {plot(finished, args.plot, title)}")
     return 0
 
 

@@ -175,6 +175,7 @@ class RunStats:
     best: float
     final: float
     round_to_80: int | None
+    up_bits_to_80: float | None
     round_to_85: int | None
     up_bits_to_85: float | None
     total_bits_to_85: float | None
@@ -212,6 +213,7 @@ def run_stats(run_dir: Path) -> RunStats:
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = load_config(run_dir / "config.toml")
     evaluated = [r for r in rows if _acc(r) > -math.inf]
+    r80 = first_round(rows, 0.80)
     r85 = first_round(rows, 0.85)
     up85 = bits_through(rows, r85, "uplink_bits")
     down85 = bits_through(rows, r85, "downlink_bits")
@@ -222,7 +224,8 @@ def run_stats(run_dir: Path) -> RunStats:
         rounds=len(rows),
         best=max(_acc(r) for r in evaluated),
         final=_acc(evaluated[-1]),
-        round_to_80=first_round(rows, 0.80),
+        round_to_80=r80,
+        up_bits_to_80=bits_through(rows, r80, "uplink_bits"),
         round_to_85=r85,
         up_bits_to_85=up85,
         total_bits_to_85=None if up85 is None or down85 is None else up85 + down85,
@@ -244,14 +247,16 @@ def _int(value: int | None) -> str:
 def markdown_table(stats: list[RunStats]) -> str:
     lines = [
         "| run | mode | thr_scale | rounds run | best acc | final acc | round to 80% "
-        "| round to 85% | uplink bits to 85% | total bits to 85% | uploads skipped | wall (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| uplink bits to 80% | round to 85% | uplink bits to 85% | total bits to 85% "
+        "| uploads skipped / offers | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in stats:
         skipped = f"{s.skipped} / {s.offers}" if s.offers else str(s.skipped)
         lines.append(
             f"| {s.name} | {s.mode} | {s.thr_scale:g} | {s.rounds} | {s.best:.4f} | "
-            f"{s.final:.4f} | {_int(s.round_to_80)} | {_int(s.round_to_85)} | "
+            f"{s.final:.4f} | {_int(s.round_to_80)} | {_sci(s.up_bits_to_80)} | "
+            f"{_int(s.round_to_85)} | "
             f"{_sci(s.up_bits_to_85)} | {_sci(s.total_bits_to_85)} | {skipped} | {s.wall_s:.0f} |"
         )
     return "\n".join(lines)
@@ -273,10 +278,54 @@ def verdict(stats: list[RunStats]) -> str:
     return "\n".join(lines)
 
 
-def plot(run_dirs: list[Path], out: Path, title: str) -> Path:
-    from flq.report import load_curve, plot_curves
+def evaluated_curve(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
+    """(round, accuracy, cumulative uplink bits) at the rounds the run evaluated."""
+    cfg = load_config(run_dir / "config.toml")
+    with (run_dir / "rounds.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rounds, accuracy, bits, total = [], [], [], 0.0
+    for row in rows:
+        total += float(row["uplink_bits"])
+        if int(row["round"]) % cfg.system.eval_every == 0 and _acc(row) > -math.inf:
+            rounds.append(int(row["round"]))
+            accuracy.append(_acc(row))
+            bits.append(total)
+    return rounds, accuracy, bits
 
-    return plot_curves([load_curve(d) for d in run_dirs], out, title)
+
+def plot(run_dirs: list[Path], out: Path, title: str) -> Path:
+    """Accuracy against round and against cumulative uplink bits, with the targets drawn in:
+    85%, the original's best rounds (350) and best bits (3.62e9) and half of those bits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_round, by_bits) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for run_dir in run_dirs:
+        rounds, accuracy, bits = evaluated_curve(run_dir)
+        style = "--" if "lazy" in run_dir.name else "-"
+        (line,) = by_round.plot(rounds, accuracy, style, lw=1.2, label=run_dir.name)
+        by_bits.plot(bits, accuracy, style, lw=1.2, color=line.get_color(), label=run_dir.name)
+    for axis in (by_round, by_bits):
+        axis.axhline(0.85, color="grey", lw=0.8, ls=":")
+        axis.set_ylabel("test accuracy")
+        axis.set_ylim(0.3, 0.9)
+        axis.grid(alpha=0.3)
+    by_round.axvline(ORIGINAL_BEST_ROUNDS_TO_85, color="grey", lw=0.8, ls=":")
+    by_round.set_xlabel("round (grey: 85%, original's best 350 rounds)")
+    by_bits.axvline(ORIGINAL_BEST_BITS_TO_85, color="grey", lw=0.8, ls=":")
+    by_bits.axvline(ORIGINAL_BEST_BITS_TO_85 / 2, color="black", lw=0.8, ls=":")
+    by_bits.set_xscale("log")
+    by_bits.set_xlabel("cumulative uplink bits (grey: original's best 3.62e9; black: target)")
+    by_bits.legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 # ---------------------------------------------------------------- the LAQ setting: loss curves

@@ -134,7 +134,7 @@ bench-scale: $(STAMP)
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_rounds scale --json docs/results/daemons/scale.json
 
 bench-rss: $(STAMP) system-deps
-	$(BENCH_ENV) $(BIN)/python -m bench.bench_rss --what-if --json docs/results/daemons/rss.json
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_rss --json docs/results/daemons/rss.json
 
 bench: bench-codec bench-compare bench-rounds bench-scale bench-rss bench-laq bench-accuracy
 

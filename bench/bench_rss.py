@@ -1,7 +1,7 @@
 """Benchmark 3c: peak memory of a real `flq-worker` process training the CNN on Fashion-MNIST.
 
     python -m bench.bench_rss                     # bench/configs/fmnist-bin.toml, 5 rounds
-    python -m bench.bench_rss --what-if --json docs/results/daemons/rss.json   # and the what-if
+    python -m bench.bench_rss --json docs/results/daemons/rss.json
 
 Starts `flq-master run` and one `flq-worker run` as separate processes on 127.0.0.1 (the config's
 20-worker Dirichlet split; the worker loads the largest partition, the worst case) and samples
@@ -57,29 +57,7 @@ def largest_partition(cfg: Any) -> tuple[int, int]:
     return index, sizes[index]
 
 
-# The same `flq-worker run` command line, with the decoded dataset cache dropped once the
-# trainer is built (flq.learning.data keeps every decoded file for the process's lifetime, which
-# the simulator wants and a worker holding one partition does not). A what-if, labelled as such.
-WHAT_IF_WORKER = """
-import sys
-import flq.worker.training as training
-from flq.learning.data import clear_cache
-
-build = training.build_trainer
-
-def build_then_drop_cache(*args, **kwargs):
-    built = build(*args, **kwargs)
-    clear_cache()
-    return built
-
-training.build_trainer = build_then_drop_cache
-from flq.cli.worker import app
-sys.argv[0] = "flq-worker"
-app()
-"""
-
-
-def measure(config: Path, rounds: int, what_if: bool = False) -> dict[str, Any]:
+def measure(config: Path, rounds: int) -> dict[str, Any]:
     port = free_port()
     cfg = with_overrides(
         load_config(config),
@@ -106,11 +84,8 @@ def measure(config: Path, rounds: int, what_if: bool = False) -> dict[str, Any]:
             stdout=subprocess.DEVNULL,
             stderr=open(Path(tmp) / "master.log", "w"),  # noqa: SIM115
         )
-        program = (
-            [sys.executable, "-c", WHAT_IF_WORKER] if what_if else [str(VENV_BIN / "flq-worker")]
-        )
         worker = subprocess.Popen(
-            [*program, *worker_cmd, "--config", str(cfg_path)],
+            [str(VENV_BIN / "flq-worker"), *worker_cmd, "--config", str(cfg_path)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=open(Path(tmp) / "worker.log", "w"),  # noqa: SIM115
@@ -133,7 +108,7 @@ def measure(config: Path, rounds: int, what_if: bool = False) -> dict[str, Any]:
         rows = (Path(tmp) / "run" / "rounds.csv").read_text().splitlines()
         worker_log = (Path(tmp) / "worker.log").read_text()[-2000:]
     return {
-        "worker": "what-if: data cache dropped after build" if what_if else "flq-worker as is",
+        "worker": "flq-worker",
         "config": str(config),
         "worker_id": f"w{index}",
         "partition_samples": samples,
@@ -156,13 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=Path("bench/configs/fmnist-bin.toml"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path)
-    parser.add_argument(
-        "--what-if", action="store_true", help="also measure the worker with the cache dropped"
-    )
     args = parser.parse_args(argv)
     runs = [measure(args.config, args.rounds)]
-    if args.what_if:
-        runs.append(measure(args.config, args.rounds, what_if=True))
     result = {"machine": machine(), "runs": runs}
     print(json.dumps(result, indent=1))
     if args.json:

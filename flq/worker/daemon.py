@@ -79,7 +79,11 @@ class WorkerDaemon:
             # Jetson power, temperatures, GPU load, RAM; nothing where tegrastats is missing.
             board_stats = asyncio.create_task(export_board_stats(self.metrics))
         trainer, accelerator = await asyncio.to_thread(
-            build_trainer, self.cfg, self.options.worker_id, self.options.partition_index
+            build_trainer,
+            self.cfg,
+            self.options.worker_id,
+            self.options.partition_index,
+            keep_data_cache=False,
         )
         log.info(
             "worker ready",

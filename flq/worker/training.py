@@ -27,9 +27,15 @@ class PartitionTrainer:
 
 
 def build_trainer(
-    cfg: Config, worker_id: str, partition_index: int | None = None
+    cfg: Config, worker_id: str, partition_index: int | None = None, keep_data_cache: bool = True
 ) -> tuple[PartitionTrainer, str]:
-    """The trainer for `worker_id` and a short description of the accelerator it runs on."""
+    """The trainer for `worker_id` and a short description of the accelerator it runs on.
+
+    The loader keeps every decoded dataset file for the process's lifetime, which the simulator
+    (20 trainers over one training set) wants. A worker daemon holds one partition, a copy, so it
+    passes keep_data_cache=False: dropping the full decoded set (188 MB of float32 for
+    Fashion-MNIST) is what keeps a CNN worker under 1 GB (docs/benchmarks.md, worker memory).
+    """
     if cfg.dataset.name == "synthetic":
         if cfg.lora.rank > 0:
             raise ValueError("lora.rank > 0 needs a Keras model; dataset synthetic has none")
@@ -78,6 +84,10 @@ def build_trainer(
         model_seed=cfg.system.seed,
         lora=LoraSpec.parse(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_layers),
     )
+    if not keep_data_cache:
+        from flq.learning.data import clear_cache
+
+        clear_cache()
     accelerator = f"gpu x{report.gpus}" if report.gpus else "cpu"
     return PartitionTrainer(trainer, len(part.y)), accelerator
 

@@ -285,3 +285,21 @@ def test_quiet_env_fills_in_only_unset_variables(monkeypatch: pytest.MonkeyPatch
     quiet_tensorflow_env()
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2"
     assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1"
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_daemon_worker_drops_the_decoded_dataset_once_its_partition_is_cut(keep: bool) -> None:
+    from flq.config import default_config, with_overrides
+    from flq.learning import data as data_module
+    from flq.worker.training import build_trainer
+
+    cfg = with_overrides(
+        default_config(), {"dataset.name": "digits", "model.name": "logreg", "lora.rank": 0}
+    )
+    data_module.clear_cache()
+    built, _ = build_trainer(cfg, "w0", 0, keep_data_cache=keep)
+    assert built.num_samples > 0
+    assert bool(data_module._cache) is keep
+    weights = built.trainer.initial_weights()
+    result = built.train(weights, TrainSpec(lr=0.1))
+    assert all(np.isfinite(d).all() for d in result.delta)

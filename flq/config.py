@@ -314,6 +314,16 @@ class AlgorithmConfig:
         default=False,
         metadata=rule("Round stochastically (unbiased) on the bbit grid instead of to nearest."),
     )
+    bbit_block: int = field(
+        default=0,
+        metadata=rule(
+            "bbit grid: 0 = the LAQ grid, one radius per tensor; N > 0 = the block grid, a "
+            "symmetric grid with 0 on it and one float32 radius per N values (needs b_up >= 2; "
+            "256 cuts the error on CNN updates several-fold, docs/benchmarks.md).",
+            minimum=0,
+            maximum=1 << 24,
+        ),
+    )
     error_feedback: bool = field(
         default=True,
         metadata=rule(
@@ -874,6 +884,12 @@ def _cross_field_problems(cfg: Config) -> Iterator[str]:
         yield (
             f"system.min_workers = {system.min_workers} is more than system.total_workers = "
             f"{system.total_workers}; the master would wait for workers that never come"
+        )
+    algo = cfg.flq_algorithm
+    if algo.mode == "bbit" and algo.bbit_block > 0 and algo.b_up < 2:
+        yield (
+            f"flq_algorithm.b_up = {algo.b_up} with bbit_block = {algo.bbit_block}: the block grid "
+            "needs b_up >= 2 (one bit leaves no level but 0); raise b_up or set bbit_block = 0"
         )
     security = cfg.security
     if bool(security.tls_cert) != bool(security.tls_key):

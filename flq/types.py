@@ -78,6 +78,7 @@ class RoundConfig:
     error_feedback: bool = True
     deadline_ms: int = 60_000
     optimizer: str = "sgd"
+    bbit_block: int = 0  # bbit: 0 = LAQ grid per tensor, N = block grid with N values per radius
 
 
 # ---------------------------------------------------------------- worker -> master

@@ -2,7 +2,9 @@
 
 - `fedavg`: the raw update as float32 (32 bits per value); never lazy.
 - `laq8`: the raw update, 8-bit unbiased stochastic quantization (optional error feedback).
-- `bbit`: the innovation u - Q_hat on the LAQ grid with `b_up` bits.
+- `bbit`: the innovation u - Q_hat with `b_up` bits: on the LAQ grid (one radius per tensor, the
+  DESIGN formula) or, with `bbit_block` = N > 0, on the block grid (0 on the grid, one radius per
+  N values; flq/codec/blockgrid.py).
 - `bin`: the sign of the innovation, one shared magnitude (1 bit per value).
 
 Innovation modes (bbit, bin) quantize against the last acknowledged upload Q_hat, which already
@@ -19,6 +21,7 @@ import numpy as np
 from flq.codec import (
     Codec,
     EncodedTensor,
+    encode_block_grid,
     encode_float32,
     encode_laq_grid,
     encode_sign,
@@ -50,7 +53,9 @@ def is_innovation(mode: Mode) -> bool:
     return mode in ("bbit", "bin")
 
 
-def upload_codec(mode: Mode) -> Codec:
+def upload_codec(mode: Mode, bbit_block: int = 0) -> Codec:
+    if mode == "bbit" and bbit_block > 0:
+        return Codec.BLOCK_GRID
     return _CODEC_OF[mode]
 
 
@@ -65,6 +70,7 @@ def encode_upload(
     b_up: int,
     rng: np.random.Generator,
     stochastic_rounding: bool = False,
+    bbit_block: int = 0,
 ) -> EncodedTensor:
     """Encode one tensor the way `mode` puts it on the wire."""
     values = np.asarray(values, dtype=np.float32)
@@ -72,6 +78,8 @@ def encode_upload(
         return encode_float32(values)
     if mode == "laq8":
         return encode_stochastic(values, _LAQ8_BITS, rng)
+    if mode == "bbit" and bbit_block > 0:
+        return encode_block_grid(values, b_up, bbit_block, rng if stochastic_rounding else None)
     if mode == "bbit":
         return encode_laq_grid(values, b_up, rng if stochastic_rounding else None)
     return encode_sign(values)
@@ -82,11 +90,12 @@ def check_upload(
     b_up: int,
     encoded: Sequence[EncodedTensor],
     shapes: Sequence[tuple[int, ...]],
+    bbit_block: int = 0,
 ) -> None:
     """Raise ValueError unless `encoded` is what a worker in `mode` sends for these shapes."""
     if len(encoded) != len(shapes):
         raise ValueError(f"upload has {len(encoded)} tensors, the model has {len(shapes)}")
-    expected_codec = upload_codec(mode)
+    expected_codec = upload_codec(mode, bbit_block)
     for index, (tensor, shape) in enumerate(zip(encoded, shapes, strict=True)):
         if tensor.codec != expected_codec:
             raise ValueError(
@@ -99,4 +108,8 @@ def check_upload(
             raise ValueError(
                 f"tensor {index}: {tensor.bits} bits, mode {mode} sends "
                 f"{bits_per_value(mode, b_up)}"
+            )
+        if expected_codec is Codec.BLOCK_GRID and tensor.scales != (float(bbit_block),):
+            raise ValueError(
+                f"tensor {index}: block size {tensor.scales}, this run's bbit_block is {bbit_block}"
             )

@@ -49,6 +49,8 @@ class RoundConfigLike(Protocol):
     @property
     def stochastic_rounding(self) -> bool: ...
     @property
+    def bbit_block(self) -> int: ...
+    @property
     def error_feedback(self) -> bool: ...
 
 
@@ -61,6 +63,7 @@ class UploadSettings:
     lazy: LazyParams = field(default_factory=LazyParams)
     error_feedback: bool = True  # laq8 only: innovation modes carry the error in Q_hat already
     stochastic_rounding: bool = False  # bbit only
+    bbit_block: int = 0  # bbit only: 0 = LAQ grid, N = block grid with N values per radius
 
     @property
     def uses_residual(self) -> bool:
@@ -112,6 +115,7 @@ class UploadReference:
             ),
             error_feedback=bool(config.error_feedback),
             stochastic_rounding=bool(config.stochastic_rounding),
+            bbit_block=int(config.bbit_block),
         )
 
     @classmethod
@@ -189,7 +193,7 @@ class UploadReference:
 
     def _encode(self, values: np.ndarray, rng: np.random.Generator) -> EncodedTensor:
         s = self.settings
-        return encode_upload(s.mode, values, s.b_up, rng, s.stochastic_rounding)
+        return encode_upload(s.mode, values, s.b_up, rng, s.stochastic_rounding, s.bbit_block)
 
     def _quantize_innovation(
         self, update: Sequence[np.ndarray], rng: np.random.Generator

@@ -28,10 +28,13 @@ class _Entry:
 
 
 class ContributionStore:
-    def __init__(self, shapes: Sequence[tuple[int, ...]], mode: Mode, b_up: int = 4) -> None:
+    def __init__(
+        self, shapes: Sequence[tuple[int, ...]], mode: Mode, b_up: int = 4, bbit_block: int = 0
+    ) -> None:
         self.shapes: Shapes = [tuple(int(d) for d in shape) for shape in shapes]
         self.mode = mode
         self.b_up = b_up
+        self.bbit_block = bbit_block
         self._entries: dict[str, _Entry] = {}
 
     # ------------------------------------------------------------ queries
@@ -61,7 +64,7 @@ class ContributionStore:
 
     def check(self, encoded: Sequence[EncodedTensor]) -> None:
         """Raise ValueError unless `encoded` is a well-formed upload for this mode and model."""
-        check_upload(self.mode, self.b_up, encoded, self.shapes)
+        check_upload(self.mode, self.b_up, encoded, self.shapes, self.bbit_block)
 
     def apply_upload(self, worker_id: str, encoded: Sequence[EncodedTensor]) -> None:
         """A granted upload arrived: move Q_i exactly as the worker moved Q_hat on commit."""

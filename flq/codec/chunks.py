@@ -174,7 +174,8 @@ class Reassembler:
         if any(d < 0 for d in shape):
             raise CodecError(f"shape: got {shape}, expected dims >= 0")
         size = math.prod(shape)
-        return _Partial(first=chunk, expected_bytes=payload_bytes(chunk.codec, chunk.bits, size))
+        expected = payload_bytes(chunk.codec, chunk.bits, size, tuple(chunk.scales))
+        return _Partial(first=chunk, expected_bytes=expected)
 
     def _assemble(self, index: int, partial: _Partial) -> EncodedTensor:
         first = partial.first

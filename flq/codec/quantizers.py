@@ -8,6 +8,8 @@ Codecs (values equal the wire enum flq.v1.Codec):
   q = floor((v + R)/(2 tau R) + 1/2), decode 2 tau R q - R, so |error| <= tau*R; with an rng the
   +1/2 becomes stochastic rounding on the same grid. scales=(R,).
 - SIGN: one bit per value, decode s*sign(v) with s = mean|v| and ties (v == 0) going to +s.
+- BLOCK_GRID: a symmetric grid with 0 on it, 2^(b-1) - 1 levels each side, one float32 radius
+  per block of values at the head of the payload; scales=(block size,). See flq/codec/blockgrid.py.
 
 STOCHASTIC and LAQ_GRID share one grid: index q in [0, 2^b - 1] stands for q*step - r with
 step = 2r/(2^b - 1). Encoding computes t = v/step + (2^b - 1)/2 (+ 1/2, or + a uniform draw) in
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flq.codec import blockgrid
 from flq.codec.bitpack import (
     BLOCK_VALUES,
     MAX_BITS,
@@ -51,6 +54,7 @@ class Codec(enum.IntEnum):
     STOCHASTIC = 3
     LAQ_GRID = 4
     SIGN = 5
+    BLOCK_GRID = 6
 
 
 HEADER_FIXED_BITS = 16  # codec id (8) + bit width (8)
@@ -96,6 +100,7 @@ _RULES: dict[Codec, _CodecRule] = {
     Codec.STOCHASTIC: _CodecRule(MIN_BITS, MAX_BITS, ("s",)),
     Codec.LAQ_GRID: _CodecRule(MIN_BITS, MAX_BITS, ("R",)),
     Codec.SIGN: _CodecRule(1, 1, ("s",)),
+    Codec.BLOCK_GRID: _CodecRule(blockgrid.MIN_BITS, MAX_BITS, ("block",)),
 }
 _FLOAT_DTYPES: dict[Codec, np.dtype[np.floating]] = {
     Codec.FLOAT32: np.dtype("<f4"),
@@ -158,6 +163,20 @@ def encode_laq_grid(
     return EncodedTensor(Codec.LAQ_GRID, values.shape, bits, (radius,), data)
 
 
+def encode_block_grid(
+    v: np.ndarray, bits: int, block: int, rng: np.random.Generator | None = None
+) -> EncodedTensor:
+    """Block grid on `v`: |error| <= R_j/(2^b - 2) per value, R_j = max|v| of its block.
+
+    With `rng`, stochastic rounding on the same levels replaces round-to-nearest (unbiased).
+    """
+    _check_codec_bits(Codec.BLOCK_GRID, bits)
+    size = blockgrid.check_block(block)
+    values, _ = _finite_input(v)
+    data = blockgrid.encode(values.reshape(-1), bits, size, rng)
+    return EncodedTensor(Codec.BLOCK_GRID, values.shape, bits, (float(size),), data)
+
+
 def encode_sign(v: np.ndarray) -> EncodedTensor:
     """One bit per value (1 where v >= 0); decodes to s*sign(v), s = mean|v|, ties to +s."""
     values = np.asarray(v, dtype=np.float32)
@@ -185,11 +204,18 @@ def encode_sign(v: np.ndarray) -> EncodedTensor:
 
 
 def encode(
-    codec: Codec, x: np.ndarray, bits: int, rng: np.random.Generator | None = None
+    codec: Codec,
+    x: np.ndarray,
+    bits: int,
+    rng: np.random.Generator | None = None,
+    block: int = 256,
 ) -> EncodedTensor:
-    """Encode `x` with `codec` at `bits` bits per value (fixed-width codecs require their width)."""
+    """Encode `x` with `codec` at `bits` bits per value (fixed-width codecs require their width);
+    `block` is the block size of BLOCK_GRID and ignored by the others."""
     kind = _known_codec(codec)
     _check_codec_bits(kind, bits)
+    if kind is Codec.BLOCK_GRID:
+        return encode_block_grid(x, bits, block, rng)
     if kind is Codec.FLOAT32:
         return encode_float32(x)
     if kind is Codec.FLOAT16:
@@ -215,6 +241,8 @@ def decode(enc: EncodedTensor, expected_shape: tuple[int, ...] | None = None) ->
         flat = np.frombuffer(enc.data, dtype=_FLOAT_DTYPES[codec]).astype(np.float32)
     elif codec is Codec.SIGN:
         flat = _sign_values(enc.data, enc.size, enc.scales[0])
+    elif codec is Codec.BLOCK_GRID:
+        flat = blockgrid.decode(enc.data, enc.bits, enc.size, int(enc.scales[0]))
     else:
         flat = _grid_values(enc.data, enc.bits, enc.size, enc.scales[0])
     return flat.reshape(shape)
@@ -231,16 +259,22 @@ def validate(enc: EncodedTensor, expected_shape: tuple[int, ...] | None = None) 
     count = math.prod(shape)
     if codec in _FLOAT_DTYPES:
         _check_float_payload(enc.data, _FLOAT_DTYPES[codec], count)
+    elif codec is Codec.BLOCK_GRID:
+        blockgrid.check_payload(enc.data, enc.bits, count, int(enc.scales[0]))
     else:
         check_payload(len(enc.data), enc.bits, count)
 
 
-def payload_bytes(codec: Codec, bits: int, count: int) -> int:
-    """Bytes the payload of `count` values takes with `codec` at `bits` (both checked)."""
+def payload_bytes(codec: Codec, bits: int, count: int, scales: tuple[float, ...] = ()) -> int:
+    """Bytes the payload of `count` values takes with `codec` at `bits` (both checked);
+    BLOCK_GRID also needs its scales (the block size)."""
     kind = _known_codec(codec)
     _check_codec_bits(kind, bits)
     if kind in _FLOAT_DTYPES:
         return count * _FLOAT_DTYPES[kind].itemsize
+    if kind is Codec.BLOCK_GRID:
+        _check_scales(kind, scales)
+        return blockgrid.payload_size(count, bits, int(scales[0]))
     return packed_size(count, bits)
 
 
@@ -281,6 +315,9 @@ def _check_scales(codec: Codec, scales: tuple[float, ...]) -> None:
             f"scales: got {len(scales)} values, expected {len(names)} ({list(names)}) "
             f"for {codec.name}"
         )
+    if codec is Codec.BLOCK_GRID:
+        blockgrid.check_block(scales[0])
+        return
     for name, value in zip(names, scales, strict=True):
         if not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value):
             raise CodecError(f"scales[{name}]: got {value!r}, expected a finite number")

@@ -41,6 +41,7 @@ def round_config_from(cfg: Config) -> RoundConfig:
         lazy_c=lazy.C,
         warmup=lazy.warmup,
         stochastic_rounding=algo.stochastic_rounding,
+        bbit_block=algo.bbit_block,
         error_feedback=algo.error_feedback,
         deadline_ms=int(cfg.system.round_timeout_s * 1000),
         optimizer=model.optimizer,

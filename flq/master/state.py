@@ -27,6 +27,7 @@ from flq.config import Config
 class AlgorithmSettings:
     mode: str = "bbit"
     b_up: int = 4
+    bbit_block: int = 0
     b_down: int = 32
     server_optimizer: str = "avg"
     server_lr: float = 1.0
@@ -39,6 +40,7 @@ def algorithm_settings_from(cfg: Config) -> AlgorithmSettings:
     return AlgorithmSettings(
         mode=algo.mode,
         b_up=algo.b_up,
+        bbit_block=algo.bbit_block,
         b_down=algo.b_down,
         server_optimizer=algo.server_optimizer,
         server_lr=algo.server_lr,
@@ -88,7 +90,9 @@ class MasterState:
         self.round = 1  # the next round to run
         self.lazy_scalar = 0.0  # h, broadcast with the next round
         shapes = [tuple(w.shape) for w in self.weights]
-        self.store = ContributionStore(shapes, parse_mode(settings.mode), settings.b_up)
+        self.store = ContributionStore(
+            shapes, parse_mode(settings.mode), settings.b_up, settings.bbit_block
+        )
         self.optimizer = make_server_optimizer(settings.server_optimizer, settings.server_lr)
         self.downlink = DownlinkSender(settings.b_down)
         # "llm" decides per round (WeightDecision); without a decision its rule is sample counts.

@@ -56,13 +56,25 @@ def run(
 
 
 @pytest.mark.parametrize(
-    ("mode", "b_up", "bits_per_value"),
-    [("fedavg", 4, 32), ("laq8", 8, 8), ("bbit", 4, 4), ("bin", 1, 1)],
+    ("mode", "b_up", "bits_per_value", "block"),
+    [
+        ("fedavg", 4, 32, 0),
+        ("laq8", 8, 8, 0),
+        ("bbit", 4, 4, 0),
+        ("bbit", 3, 3, 8),
+        ("bin", 1, 1, 0),
+    ],
 )
 def test_each_mode_learns_and_counts_exactly_the_bits_it_received(
-    tmp_path: Path, mode: str, b_up: int, bits_per_value: int
+    tmp_path: Path, mode: str, b_up: int, bits_per_value: int, block: int
 ) -> None:
-    cfg = make_config(**{"flq_algorithm.mode": mode, "flq_algorithm.b_up": b_up})
+    cfg = make_config(
+        **{
+            "flq_algorithm.mode": mode,
+            "flq_algorithm.b_up": b_up,
+            "flq_algorithm.bbit_block": block,
+        }
+    )
     _, rows = run(cfg, tmp_path)
     losses = [float(r["loss"]) for r in rows]
     assert losses[-1] < 0.5 * losses[0], losses
@@ -71,7 +83,9 @@ def test_each_mode_learns_and_counts_exactly_the_bits_it_received(
     for shape in ([PROBLEM.dim], [1]):
         n = int(np.prod(shape))
         scales = {"fedavg": 0, "laq8": 1, "bbit": 1, "bin": 1}[mode]
-        per_worker += 8 * math.ceil(n * bits_per_value / 8) + 16 + 32 * len(shape) + 32 * scales
+        radii = 4 * math.ceil(n / block) if block else 0  # block grid: float32 radius per block
+        payload = radii + math.ceil(n * bits_per_value / 8)
+        per_worker += 8 * payload + 16 + 32 * len(shape) + 32 * scales
     for row in rows:
         assert row["selected"] == 3 and row["failed"] == 0
         assert row["uplink_bits"] == 3 * per_worker

@@ -18,7 +18,7 @@ from flq.algorithm import (
     make_server_optimizer,
     make_weighting,
 )
-from flq.codec import encode_float32, encode_sign
+from flq.codec import encode_block_grid, encode_float32, encode_sign
 
 SHAPES = [(5, 4), (4,), (2, 3, 2)]
 
@@ -27,9 +27,9 @@ def _update(rng: np.random.Generator) -> list[np.ndarray]:
     return [rng.normal(size=s).astype(np.float32) for s in SHAPES]
 
 
-def _settings(mode: Mode, thr_scale: float = 0.0) -> UploadSettings:
+def _settings(mode: Mode, thr_scale: float = 0.0, bbit_block: int = 0) -> UploadSettings:
     lazy = LazyParams(thr_scale=thr_scale, history=3, max_clock=4, warmup=1)
-    return UploadSettings(mode=mode, b_up=3, lazy=lazy, error_feedback=True)
+    return UploadSettings(mode=mode, b_up=3, lazy=lazy, error_feedback=True, bbit_block=bbit_block)
 
 
 def _upload(
@@ -56,12 +56,15 @@ def _assert_mirrors(store: ContributionStore, worker: str, reference: UploadRefe
         np.testing.assert_array_equal(q_master, q_worker)  # bit-identical, not just close
 
 
-@pytest.mark.parametrize("mode", ["fedavg", "laq8", "bbit", "bin"])
-def test_store_mirrors_every_worker_reference(mode: Mode) -> None:
+@pytest.mark.parametrize(
+    ("mode", "block"), [("fedavg", 0), ("laq8", 0), ("bbit", 0), ("bbit", 2), ("bin", 0)]
+)
+def test_store_mirrors_every_worker_reference(mode: Mode, block: int) -> None:
     rng = np.random.default_rng(42)
     workers = [f"w{i}" for i in range(4)]
-    store = ContributionStore(SHAPES, mode, b_up=3)
-    references = {w: UploadReference(SHAPES, _settings(mode, thr_scale=0.5)) for w in workers}
+    store = ContributionStore(SHAPES, mode, b_up=3, bbit_block=block)
+    settings = _settings(mode, thr_scale=0.5, bbit_block=block)
+    references = {w: UploadReference(SHAPES, settings) for w in workers}
     lazy_offers = uploads = 0
     for round_index in range(40):
         for worker in workers:
@@ -78,7 +81,7 @@ def test_store_mirrors_every_worker_reference(mode: Mode) -> None:
             else:
                 reference.skip()
             if rng.random() < 0.03:  # reference reset on both sides (reconnect mismatch)
-                references[worker] = UploadReference(SHAPES, _settings(mode, thr_scale=0.5))
+                references[worker] = UploadReference(SHAPES, settings)
                 store.reset(worker)
             _assert_mirrors(store, worker, references[worker])
     assert uploads > 20
@@ -212,6 +215,22 @@ def test_wrong_upload_is_rejected_and_changes_nothing() -> None:
     with pytest.raises(ValueError, match="tensors"):
         store.apply_upload("a", [])
     assert "a" not in store and store.version("a") == 0
+
+
+def test_block_grid_uploads_must_match_the_runs_grid_and_block() -> None:
+    values = [np.ones(s, np.float32) for s in SHAPES]
+    laq_store = ContributionStore(SHAPES, "bbit", b_up=3)
+    block_store = ContributionStore(SHAPES, "bbit", b_up=3, bbit_block=4)
+    with pytest.raises(ValueError, match="codec BLOCK_GRID, mode bbit sends LAQ_GRID"):
+        laq_store.apply_upload("a", [encode_block_grid(v, 3, 4) for v in values])
+    with pytest.raises(ValueError, match=r"block size .*bbit_block is 4"):
+        block_store.apply_upload("a", [encode_block_grid(v, 3, 8) for v in values])
+    assert "a" not in laq_store and "a" not in block_store
+    block_store.apply_upload("a", [encode_block_grid(v, 3, 4) for v in values])
+    stored = block_store.contribution("a")
+    assert stored is not None and all(
+        np.array_equal(q, v) for q, v in zip(stored, values, strict=True)
+    )
 
 
 def test_state_round_trip_gives_identical_behaviour() -> None:

@@ -16,6 +16,7 @@ from flq.codec import (
     EncodedTensor,
     Reassembler,
     TensorChunk,
+    encode_block_grid,
     encode_float32,
     encode_laq_grid,
     encode_sign,
@@ -75,6 +76,22 @@ def test_round_trip_returns_equal_tensors_in_order() -> None:
         chunks = split_tensors(tensors, max_chunk_bytes=limit)
         shapes = [t.shape for t in tensors]
         assert reassemble(chunks, expected_shapes=shapes, max_chunk_bytes=limit) == tensors
+
+
+def test_block_grid_tensors_cross_chunks_with_their_radii() -> None:
+    rng = np.random.default_rng(5)
+    tensors = [
+        encode_block_grid(rng.standard_normal(1000).astype(np.float32), 3, 64),  # 64 + 375 bytes
+        encode_block_grid(np.zeros(0, dtype=np.float32), 2, 16),
+    ]
+    for limit in (1, 50, MAX_CHUNK_BYTES):
+        chunks = split_tensors(tensors, max_chunk_bytes=limit)
+        shapes = [t.shape for t in tensors]
+        assert reassemble(chunks, expected_shapes=shapes, max_chunk_bytes=limit) == tensors
+    short = split_tensors(tensors[:1], max_chunk_bytes=50)
+    short[-1] = dataclasses.replace(short[-1], data=short[-1].data[:-1])
+    with pytest.raises(CodecError, match="expected 439"):
+        reassemble(short, max_chunk_bytes=50)
 
 
 def test_tensors_may_arrive_interleaved_as_long_as_each_is_in_order() -> None:

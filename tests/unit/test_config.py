@@ -450,6 +450,16 @@ def test_with_overrides_validates_like_a_file() -> None:
         with_overrides(default_config(), {"system.min_workers": 9})
 
 
+def test_block_grid_needs_two_bits_and_names_the_fix() -> None:
+    one_bit = {"flq_algorithm.b_up": 1, "flq_algorithm.bbit_block": 256}
+    with pytest.raises(ConfigError, match=r"b_up = 1 with bbit_block = 256.*set bbit_block = 0"):
+        with_overrides(default_config(), one_bit)
+    cfg = with_overrides(default_config(), {**one_bit, "flq_algorithm.b_up": 2})
+    assert cfg.flq_algorithm.bbit_block == 256
+    with pytest.raises(ConfigError, match=r"flq_algorithm\.bbit_block = -1 is out of range"):
+        with_overrides(default_config(), {"flq_algorithm.bbit_block": -1})
+
+
 @pytest.mark.parametrize(("section", "key"), [("flq_algorithm", "moed"), ("flq_algorith", "mode")])
 def test_unknown_override_gives_the_same_error_as_a_file(section: str, key: str) -> None:
     with pytest.raises(ConfigError) as from_override:
@@ -523,6 +533,17 @@ def _valid_value(item: Setting) -> st.SearchStrategy[Any]:
     return floats
 
 
+def _consistent(data: dict[str, Any]) -> dict[str, Any]:
+    """Settle the cross-field rules the per-key strategies cannot see."""
+    algo = data["flq_algorithm"]
+    block = algo["bbit_block"] if algo["b_up"] >= 2 else 0
+    return {
+        **data,
+        "system": {**data["system"], "min_workers": 1},
+        "flq_algorithm": {**algo, "bbit_block": block},
+    }
+
+
 VALID_CONFIG_DICTS = st.fixed_dictionaries(
     {
         section: st.fixed_dictionaries(
@@ -530,7 +551,7 @@ VALID_CONFIG_DICTS = st.fixed_dictionaries(
         )
         for section in SECTIONS
     }
-).map(lambda data: {**data, "system": {**data["system"], "min_workers": 1}})
+).map(_consistent)
 
 
 @settings(max_examples=60, deadline=None)

@@ -18,6 +18,7 @@ from flq.codec import (
     EncodedTensor,
     decode,
     encode,
+    encode_block_grid,
     encode_float16,
     encode_float32,
     encode_laq_grid,
@@ -44,6 +45,8 @@ EVERY_CODEC = [
     (Codec.LAQ_GRID, 5),
     (Codec.LAQ_GRID, 16),
     (Codec.SIGN, 1),
+    (Codec.BLOCK_GRID, 2),
+    (Codec.BLOCK_GRID, 9),
 ]
 
 
@@ -66,6 +69,7 @@ def test_codec_values_are_the_wire_values() -> None:
         "STOCHASTIC": 3,
         "LAQ_GRID": 4,
         "SIGN": 5,
+        "BLOCK_GRID": 6,
     }
 
 
@@ -269,9 +273,12 @@ def test_payload_size_cost_and_shape(codec: Codec, bits: int, shape: tuple[int, 
     enc = encode_any(codec, x, bits)
     assert enc.codec is codec and enc.bits == bits and enc.shape == shape
     assert enc.size == math.prod(shape)
-    expected_bytes = {Codec.FLOAT32: 4 * x.size, Codec.FLOAT16: 2 * x.size}.get(
-        codec, packed_size(x.size, bits)
-    )
+    blocks = -(-x.size // 256)  # encode()'s default block size
+    expected_bytes = {
+        Codec.FLOAT32: 4 * x.size,
+        Codec.FLOAT16: 2 * x.size,
+        Codec.BLOCK_GRID: 4 * blocks + packed_size(x.size, bits),
+    }.get(codec, packed_size(x.size, bits))
     assert len(enc.data) == expected_bytes
     assert enc.cost_bits() == 8 * len(enc.data) + header_bits(len(shape), len(enc.scales))
     validate(enc, shape)
@@ -353,6 +360,98 @@ def test_stochastic_without_rng_is_refused() -> None:
         encode(Codec.STOCHASTIC, np.ones(3), 8)
 
 
+# ---------------------------------------------------------------- block grid
+
+
+def block_radii(v: np.ndarray, block: int) -> np.ndarray:
+    """R_j per value: max |v| over the block the value sits in."""
+    flat = np.abs(v.reshape(-1).astype(np.float64))
+    starts = np.arange(0, flat.size, block)
+    peaks = np.maximum.reduceat(flat, starts) if flat.size else flat
+    return np.repeat(peaks, block)[: flat.size]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 9, 16])
+@pytest.mark.parametrize(("count", "block"), [(1000, 64), (1000, 1000), (257, 256), (5, 256)])
+def test_block_grid_error_within_half_a_step_of_its_block(
+    bits: int, count: int, block: int
+) -> None:
+    rng = np.random.default_rng(bits * 1000 + count)
+    v = (rng.standard_t(3, size=count) * rng.choice([1e-3, 1.0, 50.0], size=count)).astype(
+        np.float32
+    )
+    decoded = decode(encode_block_grid(v, bits, block))
+    radii = block_radii(v, block)
+    step = radii / ((1 << (bits - 1)) - 1)
+    # half a step, plus the float32 rounding of v*L/R and of q*R/L (a few ulps of R)
+    assert (np.abs(decoded - v) <= step / 2 + 8 * FLOAT32_EPS * radii + SMALLEST_SUBNORMAL).all()
+
+
+def test_block_grid_sends_zero_exactly_and_each_block_keeps_its_own_scale() -> None:
+    v = np.zeros(64, dtype=np.float32)
+    v[3], v[40] = 1000.0, 0.001  # two blocks of 32 with radii six orders apart
+    decoded = decode(encode_block_grid(v, 2, 32))
+    expected = np.zeros(64, dtype=np.float32)
+    expected[3], expected[40] = 1000.0, 0.001
+    np.testing.assert_array_equal(decoded, expected)
+    # the LAQ grid at the same width cannot: no level at 0, one radius for the tensor
+    assert np.count_nonzero(decode(encode_laq_grid(v, 2))) == 64
+
+
+def test_block_grid_payload_is_radii_then_offset_indices() -> None:
+    v = np.array([-2.0, 0.0, 1.0, 2.0, 0.5, -0.5], dtype=np.float32)
+    enc = encode_block_grid(v, 3, 4)  # L = 3; blocks [-2, 0, 1, 2] and [0.5, -0.5]
+    assert enc.codec is Codec.BLOCK_GRID and enc.scales == (4.0,)
+    radii = np.frombuffer(enc.data[:8], dtype="<f4")
+    np.testing.assert_array_equal(radii, [2.0, 0.5])
+    indices = unpack_bits(enc.data[8:], 3, 6)
+    np.testing.assert_array_equal(indices, [0, 3, 5, 6, 6, 0])  # round(v*3/R) + 3
+    assert enc.cost_bits() == 8 * (8 + packed_size(6, 3)) + header_bits(1, 1)
+
+
+def test_block_grid_stochastic_rounding_is_unbiased_and_rounds_both_ways() -> None:
+    v = np.full(4096, 0.3, dtype=np.float32)
+    v[0] = 1.0  # radius 1 with b=2: levels -1, 0, 1, so 0.3 rounds to 0 or 1
+    draws = np.stack(
+        [decode(encode_block_grid(v, 2, 4096, np.random.default_rng(s))) for s in range(64)]
+    )
+    assert set(np.unique(draws[:, 1:])) == {0.0, 1.0}
+    assert abs(float(draws[:, 1:].mean()) - 0.3) < 0.01
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (lambda d: d[:-1], r"^payload length: got 9 bytes, expected 10 \(= 2 block radii"),
+        (lambda d: d[:4] + np.float32(np.nan).tobytes() + d[8:], r"^payload radii: got NaN"),
+        (lambda d: np.float32(-1).tobytes() + d[4:], r"^payload radii: got -1\.0, expected >= 0"),
+        (lambda d: d[:8] + b"\xff\xff", r"^payload values: got index 3, expected 0\.\.2"),
+    ],
+)
+def test_block_grid_malformed_payloads_are_refused(data: object, message: str) -> None:
+    good = encode_block_grid(np.arange(8, dtype=np.float32) - 3.5, 2, 4)
+    bad = dataclasses.replace(good, data=data(good.data))  # type: ignore[operator]
+    with pytest.raises(CodecError, match=message):
+        validate(bad)
+    with pytest.raises(CodecError, match=message):
+        decode(bad)
+
+
+@pytest.mark.parametrize("block", [0, -4, 2.5, math.nan, 2.0**25])
+def test_block_grid_block_size_is_checked_on_both_sides(block: float) -> None:
+    good = encode_block_grid(np.ones(8, dtype=np.float32), 2, 4)
+    with pytest.raises(CodecError, match=r"^scales\[block\]: got .*, expected an int in 1\.\."):
+        validate(dataclasses.replace(good, scales=(block,)))
+    if float(block).is_integer():
+        with pytest.raises(CodecError, match=r"^scales\[block\]"):
+            encode_block_grid(np.ones(8, dtype=np.float32), 2, int(block))
+
+
+def test_block_grid_needs_two_bits() -> None:
+    with pytest.raises(CodecError, match=r"^bits: got 1, expected 2\.\.16 for BLOCK_GRID"):
+        encode_block_grid(np.ones(8, dtype=np.float32), 1, 4)
+
+
 def good_laq() -> EncodedTensor:
     return encode_laq_grid(np.arange(10, dtype=np.float32) - 4.5, 3)
 
@@ -375,7 +474,7 @@ def good_laq() -> EncodedTensor:
         ({"scales": (1.0, 2.0)}, r"^scales: got 2 values, expected 1"),
         ({"shape": (10, -1)}, r"^shape: got \(10, -1\), expected a tuple of ints >= 0"),
         ({"shape": (2.5,)}, r"^shape: got \(2\.5,\), expected a tuple of ints"),
-        ({"codec": 9}, r"^codec: got 9, expected one of FLOAT32=1, .*SIGN=5"),
+        ({"codec": 9}, r"^codec: got 9, expected one of FLOAT32=1, .*BLOCK_GRID=6"),
     ],
 )
 def test_malformed_tensors_are_refused_by_validate_and_decode(

@@ -165,6 +165,7 @@ def test_every_round_config_field_travels() -> None:
         error_feedback=False,
         deadline_ms=1234,
         optimizer="adam",
+        bbit_block=256,
     )
     assert all(
         getattr(changed, f) != getattr(RoundConfig(), f) for f in RoundConfig.__dataclass_fields__

@@ -1,0 +1,137 @@
+"""Benchmark 1b: how much of a real CNN update each uplink codec loses, per bit.
+
+    python -m bench.bench_update_error --json docs/results/update_error.json
+
+Why: on Fashion-MNIST the bits needed to reach 85 % are set by how many fresh uploads a round
+needs and how many bits each costs (docs/benchmarks.md). This measures the second factor on the
+updates FLQ actually sends: one worker of the benchmark-1 setup (bench/configs/fmnist-bbit.toml,
+the 467,818-parameter CNN, batch 64, one local SGD step) computes its update `u` at the initial
+weights and after `--steps` local steps, and the innovation `u2 - u1` between two minibatches at
+the same weights (what bbit and bin quantize once a reference exists).
+
+For each codec: payload bits per parameter (headers included) and the relative error
+||x - decode(encode(x))||^2 / ||x||^2 summed over the 12 tensors. FLQ's codecs go through
+flq.codec. Two candidates that FLQ does not ship are measured beside them, as plain numpy and
+labelled "candidate": a symmetric grid that contains 0 (levels -L..L, L = 2^(b-1) - 1) with one
+float32 scale per block of values — the shape a better low-bit uplink codec could take.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.bench_accuracy import machine
+from flq.codec import Codec, decode, encode
+
+Quantizer = Callable[[np.ndarray], tuple[np.ndarray, int]]  # values -> (decoded, wire bits)
+
+
+def flq_codec(codec: Codec, bits: int) -> Quantizer:
+    rng = np.random.default_rng(0)
+
+    def run(values: np.ndarray) -> tuple[np.ndarray, int]:
+        encoded = encode(codec, values, bits, rng)
+        return decode(encoded), encoded.cost_bits()
+
+    return run
+
+
+def symmetric_block_grid(bits: int, block: int) -> Quantizer:
+    """Candidate: round to the nearest of 2L + 1 levels in [-R_b, R_b] per block (0 included)."""
+    levels = 2 ** (bits - 1) - 1
+
+    def run(values: np.ndarray) -> tuple[np.ndarray, int]:
+        flat = values.reshape(-1).astype(np.float64)
+        pad = (-flat.size) % block
+        blocks = np.concatenate([flat, np.zeros(pad)]).reshape(-1, block)
+        radius = np.abs(blocks).max(axis=1, keepdims=True)
+        safe = np.where(radius > 0, radius, 1.0)
+        decoded = np.round(blocks / safe * levels) * safe / levels
+        wire_bits = bits * flat.size + 32 * blocks.shape[0]
+        return decoded.reshape(-1)[: flat.size].reshape(values.shape), wire_bits
+
+    return run
+
+
+QUANTIZERS: dict[str, Quantizer] = {
+    "bin (sign, 1 bit)": flq_codec(Codec.SIGN, 1),
+    "bbit b=2 (LAQ grid)": flq_codec(Codec.LAQ_GRID, 2),
+    "bbit b=3 (LAQ grid)": flq_codec(Codec.LAQ_GRID, 3),
+    "bbit b=4 (LAQ grid)": flq_codec(Codec.LAQ_GRID, 4),
+    "laq8 (stochastic 8 bit)": flq_codec(Codec.STOCHASTIC, 8),
+    "candidate: symmetric grid b=2, block 64": symmetric_block_grid(2, 64),
+    "candidate: symmetric grid b=3, block 256": symmetric_block_grid(3, 256),
+    "candidate: symmetric grid b=4, block 1024": symmetric_block_grid(4, 1024),
+}
+
+
+def relative_error(quantizer: Quantizer, tensors: list[np.ndarray]) -> tuple[float, float]:
+    """(bits per parameter on the wire, summed squared error / summed squared norm)."""
+    error = norm = 0.0
+    wire_bits = values = 0
+    for tensor in tensors:
+        decoded, bits = quantizer(tensor)
+        diff = tensor.astype(np.float64) - decoded
+        error += float(np.dot(diff.ravel(), diff.ravel()))
+        norm += float(np.dot(tensor.ravel().astype(np.float64), tensor.ravel()))
+        wire_bits += bits
+        values += tensor.size
+    return wire_bits / values, error / norm
+
+
+def real_updates(steps: int) -> dict[str, list[np.ndarray]]:
+    """Updates of worker w3 of the benchmark-1 setup: at init, after `steps`, and an innovation."""
+    from flq.config import load_config
+    from flq.learning.trainer import TrainSpec
+    from flq.worker.training import build_trainer
+
+    cfg = load_config(Path(__file__).parent / "configs" / "fmnist-bbit.toml")
+    built, _ = build_trainer(cfg, "w3", 3)
+    spec = TrainSpec(local_steps=1, batch_size=cfg.dataset.batch_size, lr=cfg.model.lr)
+    weights = built.trainer.initial_weights()
+    first = built.train(weights, spec).delta
+    second = built.train(weights, spec).delta
+    for _ in range(steps):
+        delta = built.train(weights, spec).delta
+        weights = [w + d for w, d in zip(weights, delta, strict=True)]
+    return {
+        "update at init": first,
+        "innovation at init (two minibatches)": [b - a for a, b in zip(first, second, strict=True)],
+        f"update after {steps} local steps": built.train(weights, spec).delta,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=100, help="local steps before the 3rd input")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    inputs = real_updates(args.steps)
+    rows: list[dict[str, Any]] = []
+    header = "| codec | bits/param | " + " | ".join(f"rel. error: {n}" for n in inputs) + " |"
+    print(header)
+    print("|---|---:|" + "---:|" * len(inputs))
+    for name, quantizer in QUANTIZERS.items():
+        cells = {label: relative_error(quantizer, tensors) for label, tensors in inputs.items()}
+        bits = next(iter(cells.values()))[0]
+        rows.append({"codec": name, "bits_per_param": bits, **{k: v[1] for k, v in cells.items()}})
+        errors = " | ".join(f"{v[1]:.3f}" for v in cells.values())
+        print(f"| {name} | {bits:.3f} | {errors} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"machine": machine(), "steps": args.steps, "rows": rows}
+        args.json.write_text(json.dumps(payload, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

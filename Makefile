@@ -14,7 +14,7 @@ DEMO_ARGS   ?=
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: help venv demo test lint format typecheck unit proto proto-check bench bench-codec \
-        bench-accuracy bench-laq bench-compare bench-rounds bench-scale bench-rss system-deps clean \
+        bench-accuracy bench-laq bench-update-error bench-compare bench-rounds bench-scale bench-rss system-deps clean \
         compat
 
 help:
@@ -120,6 +120,9 @@ bench-accuracy: $(STAMP) system-deps
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_accuracy run fmnist
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_accuracy table fmnist --plot docs/img/fmnist-accuracy.png
 
+bench-update-error: $(STAMP) system-deps
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_update_error --json docs/results/update_error.json
+
 bench-laq: $(STAMP) system-deps
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_accuracy run laq-gd laq-qgd laq-laq
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_accuracy laq laq-gd laq-qgd laq-laq
@@ -136,7 +139,7 @@ bench-scale: $(STAMP)
 bench-rss: $(STAMP) system-deps
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_rss --json docs/results/daemons/rss.json
 
-bench: bench-codec bench-compare bench-rounds bench-scale bench-rss bench-laq bench-accuracy
+bench: bench-codec bench-compare bench-rounds bench-scale bench-rss bench-laq bench-update-error bench-accuracy
 
 clean:
 	rm -rf $(VENV) $(PROTO_VENV) $(BENCH_VENV) $(COMPAT_VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -35,16 +35,17 @@ class Case:
     label: str
     codec: Codec
     bits: int
+    block: int = 256  # BLOCK_GRID only
 
     def encode(self, x: np.ndarray, rng: np.random.Generator) -> EncodedTensor:
-        # Only STOCHASTIC draws random numbers; LAQ grid rows measure round-to-nearest.
-        return encode(self.codec, x, self.bits, rng if self.codec == Codec.STOCHASTIC else None)
+        # Only STOCHASTIC draws random numbers; grid rows measure round-to-nearest.
+        stochastic = rng if self.codec == Codec.STOCHASTIC else None
+        return encode(self.codec, x, self.bits, stochastic, block=self.block)
 
     @property
     def target(self) -> float:
-        return (
-            FAST_TARGET if self.bits in FAST_BITS and self.codec != Codec.FLOAT32 else OTHER_TARGET
-        )
+        fast = self.bits in FAST_BITS and self.codec not in (Codec.FLOAT32, Codec.BLOCK_GRID)
+        return FAST_TARGET if fast else OTHER_TARGET
 
 
 CASES = (
@@ -53,6 +54,8 @@ CASES = (
     *(Case(f"LAQ grid b={b}", Codec.LAQ_GRID, b) for b in (1, 2, 3, 4, 8, 16)),
     Case("sign b=1", Codec.SIGN, 1),
     Case("stochastic b=8", Codec.STOCHASTIC, 8),
+    Case("block grid b=3/256", Codec.BLOCK_GRID, 3, 256),
+    Case("block grid b=4/1024", Codec.BLOCK_GRID, 4, 1024),
 )
 
 

@@ -10,10 +10,9 @@ weights and after `--steps` local steps, and the innovation `u2 - u1` between tw
 the same weights (what bbit and bin quantize once a reference exists).
 
 For each codec: payload bits per parameter (headers included) and the relative error
-||x - decode(encode(x))||^2 / ||x||^2 summed over the 12 tensors. FLQ's codecs go through
-flq.codec. Two candidates that FLQ does not ship are measured beside them, as plain numpy and
-labelled "candidate": a symmetric grid that contains 0 (levels -L..L, L = 2^(b-1) - 1) with one
-float32 scale per block of values — the shape a better low-bit uplink codec could take.
+||x - decode(encode(x))||^2 / ||x||^2 summed over the 12 tensors, through flq.codec: the LAQ
+grid (bbit's default, one radius per tensor), the block grid (flq_algorithm.bbit_block = N: 0 on
+the grid, one float32 radius per N values), sign (bin) and laq8's stochastic 8-bit.
 """
 
 from __future__ import annotations
@@ -34,42 +33,27 @@ from flq.codec import Codec, decode, encode
 Quantizer = Callable[[np.ndarray], tuple[np.ndarray, int]]  # values -> (decoded, wire bits)
 
 
-def flq_codec(codec: Codec, bits: int) -> Quantizer:
-    rng = np.random.default_rng(0)
+def flq_codec(codec: Codec, bits: int, block: int = 256) -> Quantizer:
+    """FLQ's codec as bbit/bin/laq8 use it: round to nearest (an rng only where the codec is
+    stochastic by definition, laq8)."""
+    rng = np.random.default_rng(0) if codec is Codec.STOCHASTIC else None
 
     def run(values: np.ndarray) -> tuple[np.ndarray, int]:
-        encoded = encode(codec, values, bits, rng)
+        encoded = encode(codec, values, bits, rng, block=block)
         return decode(encoded), encoded.cost_bits()
-
-    return run
-
-
-def symmetric_block_grid(bits: int, block: int) -> Quantizer:
-    """Candidate: round to the nearest of 2L + 1 levels in [-R_b, R_b] per block (0 included)."""
-    levels = 2 ** (bits - 1) - 1
-
-    def run(values: np.ndarray) -> tuple[np.ndarray, int]:
-        flat = values.reshape(-1).astype(np.float64)
-        pad = (-flat.size) % block
-        blocks = np.concatenate([flat, np.zeros(pad)]).reshape(-1, block)
-        radius = np.abs(blocks).max(axis=1, keepdims=True)
-        safe = np.where(radius > 0, radius, 1.0)
-        decoded = np.round(blocks / safe * levels) * safe / levels
-        wire_bits = bits * flat.size + 32 * blocks.shape[0]
-        return decoded.reshape(-1)[: flat.size].reshape(values.shape), wire_bits
 
     return run
 
 
 QUANTIZERS: dict[str, Quantizer] = {
     "bin (sign, 1 bit)": flq_codec(Codec.SIGN, 1),
-    "bbit b=2 (LAQ grid)": flq_codec(Codec.LAQ_GRID, 2),
-    "bbit b=3 (LAQ grid)": flq_codec(Codec.LAQ_GRID, 3),
-    "bbit b=4 (LAQ grid)": flq_codec(Codec.LAQ_GRID, 4),
+    "bbit b=2, LAQ grid": flq_codec(Codec.LAQ_GRID, 2),
+    "bbit b=3, LAQ grid": flq_codec(Codec.LAQ_GRID, 3),
+    "bbit b=4, LAQ grid": flq_codec(Codec.LAQ_GRID, 4),
+    "bbit b=2, block grid 64": flq_codec(Codec.BLOCK_GRID, 2, 64),
+    "bbit b=3, block grid 256": flq_codec(Codec.BLOCK_GRID, 3, 256),
+    "bbit b=4, block grid 1024": flq_codec(Codec.BLOCK_GRID, 4, 1024),
     "laq8 (stochastic 8 bit)": flq_codec(Codec.STOCHASTIC, 8),
-    "candidate: symmetric grid b=2, block 64": symmetric_block_grid(2, 64),
-    "candidate: symmetric grid b=3, block 256": symmetric_block_grid(3, 256),
-    "candidate: symmetric grid b=4, block 1024": symmetric_block_grid(4, 1024),
 }
 
 

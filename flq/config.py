@@ -388,6 +388,13 @@ class BudgetConfig:
         default=0.0,
         metadata=rule("Uplink bits granted per round; 0 = no budget.", original=True, minimum=0),
     )
+    by_sample_share: bool = field(
+        default=False,
+        metadata=rule(
+            "Rank offers by innovation energy times the worker's squared sample share (the error "
+            "its stale contribution leaves in the weighted aggregate) instead of raw energy."
+        ),
+    )
 
 
 @dataclass(frozen=True)

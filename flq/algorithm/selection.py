@@ -12,6 +12,11 @@ Order of business:
      a cheap trickle), keeping whichever set carries more energy;
    - neither: everyone who wants.
 Ties always break by worker id, so the result is deterministic.
+
+"Energy" above is an offer's value: its innovation energy ||dQ||^2 times weight^2, where weight is
+the worker's share of the aggregate (1 unless the caller says otherwise). With sample shares as
+weights the value is the squared error a stale contribution leaves in the weighted aggregate, so
+a large worker's change outranks a tiny worker's change of the same size.
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ class Offer:
     cost_bits: int
     energy: float
     forced: bool = False
+    weight: float = 1.0  # the worker's share of the aggregate; the offer's value is energy * w^2
+
+    @property
+    def value(self) -> float:
+        return self.energy * self.weight * self.weight
 
 
 @dataclass(frozen=True)
@@ -68,15 +78,15 @@ class _Plan:
 
 
 def _per_bit(offer: Offer) -> float:
-    return offer.energy / offer.cost_bits if offer.cost_bits > 0 else float("inf")
+    return offer.value / offer.cost_bits if offer.cost_bits > 0 else float("inf")
 
 
 def _by_per_bit(offers: Sequence[Offer]) -> list[Offer]:
     return sorted(offers, key=lambda o: (-_per_bit(o), o.worker_id))
 
 
-def _by_energy(offers: Sequence[Offer]) -> list[Offer]:
-    return sorted(offers, key=lambda o: (-o.energy, o.worker_id))
+def _by_value(offers: Sequence[Offer]) -> list[Offer]:
+    return sorted(offers, key=lambda o: (-o.value, o.worker_id))
 
 
 def _knapsack(offers: Sequence[Offer], budget: float) -> list[Offer]:
@@ -89,8 +99,8 @@ def _knapsack(offers: Sequence[Offer], budget: float) -> list[Offer]:
             left -= offer.cost_bits
     fitting = [o for o in offers if o.cost_bits <= budget]
     if fitting:
-        best_single = _by_energy(fitting)[0]
-        if best_single.energy > sum(o.energy for o in chosen):
+        best_single = _by_value(fitting)[0]
+        if best_single.value > sum(o.value for o in chosen):
             return [best_single]
     return chosen
 
@@ -103,6 +113,8 @@ def _check_offers(offers: Sequence[Offer]) -> None:
         seen.add(offer.worker_id)
         if offer.cost_bits < 0 or not offer.energy >= 0:
             raise ValueError(f"offer from {offer.worker_id!r}: cost and energy must be >= 0")
+        if not 0 <= offer.weight < float("inf"):
+            raise ValueError(f"offer from {offer.worker_id!r}: weight must be finite and >= 0")
 
 
 def select_uploads(
@@ -121,7 +133,7 @@ def select_uploads(
         plan.try_grant(offer)
     optional = [o for o in offers if o.wants_upload and not o.forced]
     if sel_clients > 0:
-        for offer in _by_energy(optional):
+        for offer in _by_value(optional):
             plan.try_grant(offer)
     elif up_budget_bits > 0:
         chosen = _knapsack(optional, plan.budget_left)

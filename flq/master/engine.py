@@ -51,6 +51,7 @@ class EngineSettings:
     round_config: RoundConfig
     sel_clients: int = 0
     up_budget_bits: float = 0.0
+    by_sample_share: bool = False  # rank offers by energy * (sample share)^2
     round_timeout_s: float = 60.0
     hello_timeout_s: float = 30.0
 
@@ -345,6 +346,7 @@ class RoundEngine:
         return message
 
     def _select(self, offers: dict[WorkerRecord, UploadOffer], outcome: RoundOutcome) -> set[str]:
+        shares = _sample_shares(offers) if self.settings.by_sample_share else {}
         candidates = [
             Offer(
                 worker_id=r.worker_id,
@@ -352,6 +354,7 @@ class RoundEngine:
                 cost_bits=o.cost_bits,
                 energy=o.energy,
                 forced=o.forced,
+                weight=shares.get(r.worker_id, 1.0),
             )
             for r, o in offers.items()
         ]
@@ -493,6 +496,14 @@ class RoundEngine:
             outcome.llm_reasoning = decision.reasoning
         outcome.lazy_scalar = self.state.lazy_scalar
         outcome.train_loss = _weighted_loss(offers)
+
+
+def _sample_shares(offers: dict[WorkerRecord, UploadOffer]) -> dict[str, float]:
+    """Each offering worker's share of the round's samples (equal shares if none reports any)."""
+    total = sum(o.num_samples for o in offers.values())
+    if total <= 0:
+        return {r.worker_id: 1.0 / len(offers) for r in offers}
+    return {r.worker_id: o.num_samples / total for r, o in offers.items()}
 
 
 def _weighted_loss(offers: dict[WorkerRecord, UploadOffer]) -> float:

@@ -53,6 +53,7 @@ def engine_settings_from(cfg: Config) -> EngineSettings:
         round_config=round_config_from(cfg),
         sel_clients=cfg.budget_selection.sel_clients,
         up_budget_bits=cfg.budget_selection.up_budget_bits,
+        by_sample_share=cfg.budget_selection.by_sample_share,
         round_timeout_s=cfg.system.round_timeout_s,
     )
 

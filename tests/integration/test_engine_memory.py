@@ -6,6 +6,7 @@ Real engine, real worker sessions, real codec; only the sockets are replaced by 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,33 @@ def test_budget_caps_uplink_bits_per_round(tmp_path: Path) -> None:
     _, rows = run(cfg, tmp_path)
     assert all(r["uplink_bits"] <= 2 * one_upload + 1 for r in rows)
     assert all(r["selected"] == 2 and r["denied"] == 1 for r in rows)
+
+
+class ClaimedSamples:
+    """A synthetic trainer that reports another sample count (the master weighs by it)."""
+
+    def __init__(self, inner: SyntheticTrainer, samples: int) -> None:
+        self.inner, self.num_samples = inner, samples
+
+    def train(self, weights: list[np.ndarray], spec: TrainSpec) -> Any:
+        return dataclasses.replace(self.inner.train(weights, spec), num_samples=self.num_samples)
+
+
+@pytest.mark.parametrize("by_share", [False, True])
+def test_ranking_by_sample_share_refreshes_the_heavy_worker(tmp_path: Path, by_share: bool) -> None:
+    cfg = make_config(
+        **{
+            "flq_algorithm.mode": "bbit",
+            "budget_selection.sel_clients": 1,
+            "budget_selection.by_sample_share": by_share,
+        }
+    )
+    sizes = [1000, 10, 10]
+    trainers = [ClaimedSamples(SyntheticTrainer(PROBLEM, i), n) for i, n in enumerate(sizes)]
+    _, rows = run(cfg, tmp_path, trainers)
+    fresh = [r["fresh"] for r in rows]
+    # by energy alone the light workers win some rounds; weighted by share the heavy one wins all
+    assert (set(fresh) == {"w0"}) is by_share, fresh
 
 
 def test_master_and_worker_references_stay_identical(tmp_path: Path) -> None:

@@ -106,6 +106,19 @@ def test_duplicate_or_invalid_offers_are_rejected() -> None:
         select_uploads([_offer("a", 1, 1.0), _offer("a", 2, 1.0)])
     with pytest.raises(ValueError):
         select_uploads([_offer("a", 1, float("nan"))])
+    with pytest.raises(ValueError, match="weight must be finite"):
+        select_uploads([Offer("a", True, 1, 1.0, weight=float("inf"))])
+
+
+def test_weights_rank_by_the_error_a_stale_contribution_leaves() -> None:
+    # value = energy * weight^2: a heavy worker's change outranks a light one's larger change
+    heavy = Offer("heavy", True, cost_bits=10, energy=1.0, weight=0.6)
+    light = Offer("light", True, cost_bits=10, energy=4.0, weight=0.1)
+    assert select_uploads([heavy, light], sel_clients=1).granted == ["heavy"]
+    assert select_uploads([heavy, light], up_budget_bits=10).granted == ["heavy"]
+    unweighted = [Offer("heavy", True, 10, 1.0), Offer("light", True, 10, 4.0)]
+    assert select_uploads(unweighted, sel_clients=1).granted == ["light"]
+    assert heavy.value == pytest.approx(0.36) and light.value == pytest.approx(0.04)
 
 
 _offers = st.lists(

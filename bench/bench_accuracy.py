@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -389,6 +390,35 @@ def laq_report(run_dirs: list[Path], out: Path) -> str:
     return "\n".join(lines)
 
 
+def lazy_terms(trace: Path, window: int = 50) -> list[dict[str, float]]:
+    """Medians of the lazy rule's terms per window of rounds, from a run's lazy_trace.csv:
+    energy ||dQ||^2, the movement term sum(xi h), 3||eps||^2, 3||eps_hat||^2 and their ratio (the
+    largest thr_scale at which an offer is still made). Small enough to commit beside rounds.csv."""
+    with trace.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    windows: dict[int, list[dict[str, str]]] = {}
+    for row in rows:
+        windows.setdefault((int(row["round"]) - 1) // window, []).append(row)
+    summary = []
+    for index, members in sorted(windows.items()):
+
+        def median(key: str, scale: float = 1.0, rows: list[dict[str, str]] = members) -> float:
+            return float(statistics.median(scale * float(r[key]) for r in rows))
+
+        summary.append(
+            {
+                "rounds": f"{index * window + 1}-{(index + 1) * window}",
+                "offers": len(members),
+                "energy": median("energy"),
+                "movement": median("movement"),
+                "3_err_sq": median("err_sq", 3.0),
+                "3_err_ref": median("err_ref", 3.0),
+                "ratio": median("ratio"),
+            }
+        )
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -407,8 +437,17 @@ def main(argv: list[str] | None = None) -> int:
     laq.add_argument("names", nargs="+", help="run directory names")
     laq.add_argument("--out", type=Path, default=RESULTS)
     laq.add_argument("--plot", type=Path, default=IMAGES / "laq-loss.png")
+    terms = sub.add_parser("lazy-terms", help="summarise a run's lazy_trace.csv into JSON")
+    terms.add_argument("trace", type=Path, help="lazy_trace.csv written by run --trace")
+    terms.add_argument("--json", type=Path, help="where to write the summary")
     args = parser.parse_args(argv)
 
+    if args.command == "lazy-terms":
+        text = json.dumps(lazy_terms(args.trace), indent=1)
+        print(text)
+        if args.json:
+            args.json.write_text(text + "\n")
+        return 0
     if args.command == "laq":
         print(laq_report([args.out / n for n in args.names], args.plot))
         print(f"plot: {args.plot}")

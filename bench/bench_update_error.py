@@ -51,6 +51,7 @@ QUANTIZERS: dict[str, Quantizer] = {
     "bbit b=3, LAQ grid": flq_codec(Codec.LAQ_GRID, 3),
     "bbit b=4, LAQ grid": flq_codec(Codec.LAQ_GRID, 4),
     "bbit b=2, block grid 64": flq_codec(Codec.BLOCK_GRID, 2, 64),
+    "bbit b=2, block grid 128": flq_codec(Codec.BLOCK_GRID, 2, 128),
     "bbit b=3, block grid 256": flq_codec(Codec.BLOCK_GRID, 3, 256),
     "bbit b=4, block grid 1024": flq_codec(Codec.BLOCK_GRID, 4, 1024),
     "laq8 (stochastic 8 bit)": flq_codec(Codec.STOCHASTIC, 8),

@@ -590,3 +590,11 @@ def test_reference_names_every_key_and_marks_the_original_ones() -> None:
         assert row.startswith(f"| `{item.key}` |")
         assert ("| ✓ |" in row) == item.rule.original, f"{item.section}.{item.key}"
     assert "`master_address`" in text
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "bench" / "configs").glob("*.toml")), ids=lambda p: p.stem
+)
+def test_every_benchmark_config_is_valid_and_writes_where_it_is_named(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.logging.result_dir == f"docs/results/{path.stem}"

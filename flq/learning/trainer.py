@@ -201,6 +201,13 @@ class LocalTrainer:
         )
         if self._prefetch_size != 0:
             dataset = dataset.prefetch(_tf_data_knob(self._prefetch_size))
+        if AUTOTUNE not in (self._prefetch_size, self._num_parallel_calls):
+            # Nothing to tune, and tf.data's autotuner thread sleeps between optimisation
+            # passes: destroying the iterator waits for it to wake, up to a minute per worker,
+            # which made a 20-worker `flq simulate` linger for minutes after its last round.
+            options = tf_.data.Options()
+            options.autotune.enabled = False
+            dataset = dataset.with_options(options)
         return dataset
 
     def _step_for(self, name: str, lr: float) -> _Step:

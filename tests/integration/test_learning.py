@@ -303,3 +303,16 @@ def test_a_daemon_worker_drops_the_decoded_dataset_once_its_partition_is_cut(kee
     weights = built.trainer.initial_weights()
     result = built.train(weights, TrainSpec(lr=0.1))
     assert all(np.isfinite(d).all() for d in result.delta)
+
+
+@pytest.mark.parametrize(("prefetch", "parallel", "tuned"), [(2, 2, False), (-1, 2, True)])
+def test_autotune_runs_only_when_a_knob_asks_for_it(
+    digits: tuple[DatasetSpec, ArrayData, ArrayData], prefetch: int, parallel: int, tuned: bool
+) -> None:
+    # tf.data's autotuner thread makes destroying an iterator wait for its next wake-up (up to a
+    # minute): with fixed knobs there is nothing to tune, so it must be off.
+    trainer = LocalTrainer(
+        "logreg", digits[0], digits[1], seed=0, prefetch_size=prefetch, num_parallel_calls=parallel
+    )
+    enabled = trainer._make_dataset(16).options().autotune.enabled  # None: TF's default, on
+    assert (enabled is not False) is tuned

@@ -302,16 +302,18 @@ def plot(run_dirs: list[Path], out: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_round, by_bits) = plt.subplots(1, 2, figsize=(12, 4.6))
-    for run_dir in run_dirs:
+    fig, (by_round, by_bits) = plt.subplots(1, 2, figsize=(14, 5.2))
+    palette = plt.get_cmap("tab20").colors  # one colour per run, up to 20 runs
+    for index, run_dir in enumerate(run_dirs):
         rounds, accuracy, bits = evaluated_curve(run_dir)
         style = "--" if "lazy" in run_dir.name else "-"
-        (line,) = by_round.plot(rounds, accuracy, style, lw=1.2, label=run_dir.name)
-        by_bits.plot(bits, accuracy, style, lw=1.2, color=line.get_color(), label=run_dir.name)
+        colour = palette[index % len(palette)]
+        by_round.plot(rounds, accuracy, style, lw=1.1, color=colour, label=run_dir.name)
+        by_bits.plot(bits, accuracy, style, lw=1.1, color=colour)
     for axis in (by_round, by_bits):
         axis.axhline(0.85, color="grey", lw=0.8, ls=":")
         axis.set_ylabel("test accuracy")
-        axis.set_ylim(0.3, 0.9)
+        axis.set_ylim(0.5, 0.88)
         axis.grid(alpha=0.3)
     by_round.axvline(ORIGINAL_BEST_ROUNDS_TO_85, color="grey", lw=0.8, ls=":")
     by_round.set_xlabel("round (grey: 85%, original's best 350 rounds)")
@@ -319,10 +321,10 @@ def plot(run_dirs: list[Path], out: Path, title: str) -> Path:
     by_bits.axvline(ORIGINAL_BEST_BITS_TO_85 / 2, color="black", lw=0.8, ls=":")
     by_bits.set_xscale("log")
     by_bits.set_xlabel("cumulative uplink bits (grey: original's best 3.62e9; black: target)")
-    by_bits.legend(fontsize=8, loc="lower right")
+    fig.legend(fontsize=8, loc="center right", frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

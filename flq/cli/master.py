@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
 from flq.cli.errors import handle_errors
+from flq.cli.options import (
+    ConfigOpt,
+    LogFormatOpt,
+    LogLevelOpt,
+    MetricsHostOpt,
+    MetricsPortOpt,
+)
 
 app = typer.Typer(
     name="flq-master", help="The FLQ master daemon.", no_args_is_help=True, add_completion=False
 )
-
-LogLevel = Literal["debug", "info", "warning", "error"]
-LogFormat = Literal["auto", "json", "console"]
 
 
 @app.callback()
@@ -25,7 +29,7 @@ def main() -> None:
 @app.command()
 @handle_errors
 def run(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Config file (.toml/.json).")],
+    config: ConfigOpt,
     port: Annotated[
         int | None,
         typer.Option(
@@ -42,19 +46,10 @@ def run(
         Path | None,
         typer.Option(help="Results and checkpoint directory (default: logging.result_dir)."),
     ] = None,
-    log_level: Annotated[LogLevel | None, typer.Option(help="Override logging.log_level.")] = None,
-    log_format: Annotated[
-        LogFormat | None, typer.Option(help="Override logging.log_format.")
-    ] = None,
-    metrics_port: Annotated[
-        int,
-        typer.Option(
-            min=0, max=65535, envvar="FLQ_METRICS_PORT", help="Serve Prometheus /metrics; 0 = off."
-        ),
-    ] = 0,
-    metrics_host: Annotated[
-        str, typer.Option(help="Address the metrics endpoint binds.")
-    ] = "0.0.0.0",
+    log_level: LogLevelOpt = None,
+    log_format: LogFormatOpt = None,
+    metrics_port: MetricsPortOpt = 0,
+    metrics_host: MetricsHostOpt = "0.0.0.0",
 ) -> None:
     """Serve workers and run federated rounds until max_rounds, the target accuracy, or a stop."""
     from flq.cli.runtime import run_async, start

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
 from flq.cli.errors import handle_errors
+from flq.cli.options import (
+    ConfigOpt,
+    LogFormatOpt,
+    LogLevelOpt,
+    MetricsHostOpt,
+    MetricsPortOpt,
+)
 
 app = typer.Typer(
     name="flq-worker", help="The FLQ worker daemon.", no_args_is_help=True, add_completion=False
@@ -24,7 +31,7 @@ def main() -> None:
 def run(
     master: Annotated[str, typer.Option(help="Master address, HOST:PORT.")],
     worker_id: Annotated[str, typer.Option("--worker-id", help="This worker's id, e.g. w3.")],
-    config: Annotated[Path, typer.Option("--config", "-c", help="Config file (.toml/.json).")],
+    config: ConfigOpt,
     partition_index: Annotated[
         int | None,
         typer.Option(
@@ -45,13 +52,8 @@ def run(
             help="NAME=NUMBER the master's LLM weighting sees (traffic, usage); repeatable.",
         ),
     ] = None,
-    log_level: Annotated[
-        Literal["debug", "info", "warning", "error"] | None,
-        typer.Option(help="Override logging.log_level."),
-    ] = None,
-    log_format: Annotated[
-        Literal["auto", "json", "console"] | None, typer.Option(help="Override logging.log_format.")
-    ] = None,
+    log_level: LogLevelOpt = None,
+    log_format: LogFormatOpt = None,
     tls_ca: Annotated[
         Path | None,
         typer.Option(envvar="FLQ_TLS_CA", help="CA certificate (PEM) of the master: TLS on."),
@@ -71,15 +73,8 @@ def run(
             help="File holding this worker's token (else $FLQ_WORKER_TOKEN).",
         ),
     ] = None,
-    metrics_port: Annotated[
-        int,
-        typer.Option(
-            min=0, max=65535, envvar="FLQ_METRICS_PORT", help="Serve Prometheus /metrics; 0 = off."
-        ),
-    ] = 0,
-    metrics_host: Annotated[
-        str, typer.Option(help="Address the metrics endpoint binds.")
-    ] = "0.0.0.0",
+    metrics_port: MetricsPortOpt = 0,
+    metrics_host: MetricsHostOpt = "0.0.0.0",
 ) -> None:
     """Connect to the master (reconnecting with backoff) and train until told to stop."""
     from flq.cli.runtime import run_async, start

@@ -19,15 +19,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flq.config import default_config, with_overrides
 from flq.grpc_options import CLIENT_OPTIONS
-from flq.master.daemon import MasterDaemon, MasterOptions
 from flq.master.engine import RoundOutcome
-from flq.master.federation import build_federation
 from flq.metrics import MasterMetrics, MetricsServer, WorkerMetrics, record_board_stats
 from flq.pb import flq_pb2 as pb
 from flq.pb import flq_pb2_grpc as pb_grpc
-from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
+from flq.synthetic import SyntheticProblem, SyntheticTrainer
 from flq.worker.connection import Backoff, run_connected
 from flq.worker.session import SessionOptions, WorkerState
+from tests.loopback import start_synthetic_master
 
 PROBLEM = SyntheticProblem(dim=16, samples_per_worker=32, seed=3)
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -90,21 +89,12 @@ def test_master_and_worker_metrics_move_with_rounds(tmp_path: Path) -> None:
             "budget_selection.up_budget_bits": 2000.0,
         },
     )
-    daemon = MasterDaemon(
-        cfg,
-        MasterOptions(
-            port=0,
-            run_dir=tmp_path,
-            federation_factory=lambda c: build_federation(c, SyntheticEvaluation(PROBLEM)),
-            metrics_port=0,
-            metrics_host="127.0.0.1",
-        ),
-    )
     worker_metrics = WorkerMetrics("w0")
 
     async def scenario() -> dict[str, Any]:
-        master = asyncio.create_task(daemon.run())
-        await asyncio.wait_for(daemon.ready.wait(), 30)
+        daemon, master = await start_synthetic_master(
+            cfg, tmp_path, PROBLEM, metrics_port=0, metrics_host="127.0.0.1"
+        )
         assert daemon.metrics_server is not None
         port = daemon.metrics_server.port
         seen: dict[str, Any] = {"idle": await asyncio.to_thread(scrape, port)}

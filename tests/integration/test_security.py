@@ -23,13 +23,12 @@ from flq.cli.certs import init_directory
 from flq.codec import Reassembler, decode
 from flq.config import Config, default_config, with_overrides
 from flq.grpc_options import CLIENT_OPTIONS
-from flq.master.daemon import MasterDaemon, MasterOptions
-from flq.master.federation import build_federation
+from flq.master.daemon import MasterDaemon
 from flq.master.results import read_rounds
 from flq.pb import flq_pb2 as pb
 from flq.pb import flq_pb2_grpc as pb_grpc
 from flq.security import admin_metadata, channel_credentials, load_client_tls, worker_metadata
-from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
+from flq.synthetic import SyntheticProblem, SyntheticTrainer
 from flq.worker.connection import Backoff, FatalConnectionError, run_connected
 from flq.worker.session import SessionEnd, SessionOptions, WorkerState
 from tests.loopback import start_synthetic_master
@@ -161,16 +160,7 @@ def test_tls_federation_with_tokens_runs_every_round(
     cfg = secure_config(certs)
 
     async def scenario() -> MasterDaemon:
-        daemon = MasterDaemon(
-            cfg,
-            MasterOptions(
-                port=0,
-                run_dir=tmp_path,
-                federation_factory=lambda c: build_federation(c, SyntheticEvaluation(PROBLEM)),
-            ),
-        )
-        master = asyncio.create_task(daemon.run())
-        await asyncio.wait_for(daemon.ready.wait(), 30)
+        daemon, master = await start_synthetic_master(cfg, tmp_path, PROBLEM)
         workers = [
             run_worker(
                 daemon.port,

@@ -90,6 +90,24 @@ def test_demo_runs_a_real_federation_on_digits(tmp_path: Path) -> None:
     assert "final accuracy" in result.stdout
 
 
+def _master_args(config: Path, port: int, run_dir: Path) -> list[str]:
+    """`flq-master run` on 127.0.0.1:port with JSON logs (arguments for _spawn)."""
+    return [
+        "flq.cli.master",
+        "run",
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--run-dir",
+        str(run_dir),
+        "--log-format",
+        "json",
+    ]
+
+
 def _synthetic_config(path: Path, rounds: int) -> Path:
     path.write_text(f"""
 [system]
@@ -121,20 +139,7 @@ def test_killed_worker_fails_its_round_and_a_restarted_master_resumes(
     config = _synthetic_config(tmp_path / "cfg.toml", rounds=100_000)
     run_dir = tmp_path / "run"
     port = free_port()
-    master_args = [
-        "flq.cli.master",
-        "run",
-        "--config",
-        str(config),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--run-dir",
-        str(run_dir),
-        "--log-format",
-        "json",
-    ]
+    master_args = _master_args(config, port, run_dir)
     master = _spawn(master_args, tmp_path / "master.log")
     processes.append(master)
     workers = [
@@ -211,23 +216,7 @@ def test_second_signal_abandons_the_round_and_leaves_a_valid_checkpoint(
     config.write_text(text.replace("round_timeout_s = 3.0", "round_timeout_s = 60.0"))
     run_dir = tmp_path / "run"
     port = free_port()
-    master = _spawn(
-        [
-            "flq.cli.master",
-            "run",
-            "--config",
-            str(config),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--run-dir",
-            str(run_dir),
-            "--log-format",
-            "json",
-        ],
-        tmp_path / "master.log",
-    )
+    master = _spawn(_master_args(config, port, run_dir), tmp_path / "master.log")
     processes.append(master)
     for i in range(2):
         processes.append(

@@ -6,6 +6,7 @@ Shared by the integration tests that need the gRPC path without TensorFlow's sta
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from flq.config import Config
 from flq.master.daemon import MasterDaemon, MasterOptions
 from flq.master.federation import build_federation
 from flq.synthetic import SyntheticEvaluation, SyntheticProblem
+from flq.worker.connection import Backoff, run_connected
+from flq.worker.session import SessionOptions, WorkerState
 
 
 async def start_synthetic_master(
@@ -32,3 +35,30 @@ async def start_synthetic_master(
     task = asyncio.create_task(daemon.run())
     await asyncio.wait_for(daemon.ready.wait(), 30)
     return daemon, task
+
+
+def connect_workers(
+    port: int,
+    trainers: Sequence[Any],
+    stop: asyncio.Event,
+    *,
+    heartbeat_s: float = 0.2,
+    backoff_cap_s: float = 0.5,
+    states: Sequence[WorkerState] | None = None,
+) -> list[asyncio.Task[Any]]:
+    """One reconnecting worker task per trainer on 127.0.0.1:port, ids w0, w1, ... unless
+    `states` are given; they end when `stop` is set or the master shuts them down."""
+    states = states or [WorkerState(f"w{i}") for i in range(len(trainers))]
+    return [
+        asyncio.create_task(
+            run_connected(
+                state,
+                trainer,
+                f"127.0.0.1:{port}",
+                stop,
+                SessionOptions(heartbeat_interval_s=heartbeat_s),
+                Backoff(base_s=0.05, cap_s=backoff_cap_s),
+            )
+        )
+        for state, trainer in zip(states, trainers, strict=True)
+    ]

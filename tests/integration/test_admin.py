@@ -41,8 +41,7 @@ from flq.master.results import read_rounds
 from flq.pb import flq_pb2 as pb
 from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
 from flq.types import ModelInfo, StatusReply, WorkerStatus
-from flq.worker.connection import Backoff, run_connected
-from flq.worker.session import SessionOptions, WorkerState
+from tests.loopback import connect_workers
 
 PROBLEM = SyntheticProblem(dim=12, samples_per_worker=32, seed=7)
 runner = CliRunner()
@@ -132,19 +131,8 @@ class MasterThread:
         master = asyncio.create_task(daemon.run())
         await daemon.ready.wait()
         stop = asyncio.Event()
-        workers = [
-            asyncio.create_task(
-                run_connected(
-                    WorkerState(f"w{i}"),
-                    SyntheticTrainer(PROBLEM, i),
-                    f"127.0.0.1:{daemon.port}",
-                    stop,
-                    SessionOptions(heartbeat_interval_s=0.2),
-                    Backoff(base_s=0.05, cap_s=0.3),
-                )
-            )
-            for i in range(self.workers)
-        ]
+        trainers = [SyntheticTrainer(PROBLEM, i) for i in range(self.workers)]
+        workers = connect_workers(daemon.port, trainers, stop, backoff_cap_s=0.3)
         self.ready.set()
         try:
             await master

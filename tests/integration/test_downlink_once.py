@@ -18,9 +18,8 @@ from flq.master.daemon import MasterDaemon
 from flq.master.results import read_rounds
 from flq.synthetic import SyntheticProblem, SyntheticTrainer
 from flq.types import RoundStart
-from flq.worker.connection import Backoff, run_connected
-from flq.worker.session import SessionOptions, WorkerState
-from tests.loopback import start_synthetic_master
+from flq.worker.session import WorkerState
+from tests.loopback import connect_workers, start_synthetic_master
 
 PROBLEM = SyntheticProblem(dim=30, samples_per_worker=64, seed=9)
 WORKERS = 4
@@ -57,19 +56,8 @@ def test_round_start_is_converted_once_per_round_for_all_workers(
     async def scenario() -> MasterDaemon:
         daemon, master = await start_synthetic_master(cfg, tmp_path, PROBLEM)
         stop = asyncio.Event()
-        workers = [
-            asyncio.create_task(
-                run_connected(
-                    state,
-                    SyntheticTrainer(PROBLEM, i),
-                    f"127.0.0.1:{daemon.port}",
-                    stop,
-                    SessionOptions(heartbeat_interval_s=0.2),
-                    Backoff(base_s=0.05, cap_s=0.5),
-                )
-            )
-            for i, state in enumerate(states)
-        ]
+        trainers = [SyntheticTrainer(PROBLEM, i) for i in range(len(states))]
+        workers = connect_workers(daemon.port, trainers, stop, states=states)
         await asyncio.wait_for(master, 60)
         await asyncio.wait_for(asyncio.gather(*workers), 10)
         return daemon

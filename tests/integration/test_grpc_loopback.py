@@ -25,9 +25,7 @@ from flq.master.results import read_rounds
 from flq.pb import flq_pb2 as pb
 from flq.pb import flq_pb2_grpc as pb_grpc
 from flq.synthetic import SyntheticProblem, SyntheticTrainer
-from flq.worker.connection import Backoff, run_connected
-from flq.worker.session import SessionOptions, WorkerState
-from tests.loopback import start_synthetic_master
+from tests.loopback import connect_workers, start_synthetic_master
 
 PROBLEM = SyntheticProblem(dim=40, samples_per_worker=64, seed=5)
 
@@ -54,20 +52,7 @@ async def start_master(cfg: Config, run_dir: Path) -> tuple[MasterDaemon, asynci
 
 
 async def start_workers(port: int, count: int, stop: asyncio.Event) -> list[asyncio.Task[Any]]:
-    options = SessionOptions(heartbeat_interval_s=0.2)
-    return [
-        asyncio.create_task(
-            run_connected(
-                WorkerState(f"w{i}"),
-                SyntheticTrainer(PROBLEM, i),
-                f"127.0.0.1:{port}",
-                stop,
-                options,
-                Backoff(base_s=0.05, cap_s=0.5),
-            )
-        )
-        for i in range(count)
-    ]
+    return connect_workers(port, [SyntheticTrainer(PROBLEM, i) for i in range(count)], stop)
 
 
 def test_federation_over_grpc_runs_every_round_and_ends_cleanly(tmp_path: Path) -> None:

@@ -33,9 +33,8 @@ from flq.master.checkpoint import load_checkpoint
 from flq.master.daemon import MasterDaemon, MasterOptions
 from flq.master.federation import Federation, build_federation
 from flq.master.results import read_rounds
-from flq.worker.connection import Backoff, run_connected
-from flq.worker.session import SessionOptions, WorkerState
 from flq.worker.training import build_trainer
+from tests.loopback import connect_workers
 
 pytestmark = pytest.mark.slow  # TensorFlow training
 
@@ -180,19 +179,7 @@ def test_a_lora_federation_over_grpc_sends_only_adapters_and_learns(tmp_path: Pa
         master = asyncio.create_task(daemon.run())
         await asyncio.wait_for(daemon.ready.wait(), 60)
         stop = asyncio.Event()
-        workers = [
-            asyncio.create_task(
-                run_connected(
-                    WorkerState(f"w{i}"),
-                    trainer,
-                    f"127.0.0.1:{daemon.port}",
-                    stop,
-                    SessionOptions(heartbeat_interval_s=1.0),
-                    Backoff(base_s=0.05, cap_s=0.5),
-                )
-            )
-            for i, trainer in enumerate(trainers)
-        ]
+        workers = connect_workers(daemon.port, trainers, stop, heartbeat_s=1.0)
         await asyncio.wait_for(master, 120)
         await asyncio.wait_for(asyncio.gather(*workers), 20)
         return daemon

@@ -17,8 +17,7 @@ import pytest
 from flq.config import Config, default_config, with_overrides
 from flq.master.daemon import MasterDaemon, MasterOptions
 from flq.master.results import read_rounds
-from flq.worker.connection import Backoff, run_connected
-from flq.worker.session import SessionOptions, WorkerState
+from tests.loopback import connect_workers
 
 pytestmark = pytest.mark.slow
 
@@ -63,19 +62,7 @@ def run_federation(cfg: Config, run_dir: Path, trainers: list[Any]) -> list[dict
         master = asyncio.create_task(daemon.run())
         await asyncio.wait_for(daemon.ready.wait(), 120)
         stop = asyncio.Event()
-        workers = [
-            asyncio.create_task(
-                run_connected(
-                    WorkerState(f"w{i}"),
-                    trainer,
-                    f"127.0.0.1:{daemon.port}",
-                    stop,
-                    SessionOptions(heartbeat_interval_s=1.0),
-                    Backoff(0.05, 0.5),
-                )
-            )
-            for i, trainer in enumerate(trainers)
-        ]
+        workers = connect_workers(daemon.port, trainers, stop, heartbeat_s=1.0)
         await asyncio.wait_for(master, 240)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*workers), 30)

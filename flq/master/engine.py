@@ -18,7 +18,7 @@ from typing import TypeVar
 import numpy as np
 import structlog
 
-from flq.algorithm import Offer, select_uploads
+from flq.algorithm import Offer, normalise, select_uploads
 from flq.codec import CodecError, EncodedTensor, Reassembler, group_chunks, split_tensors
 from flq.link import LinkClosed, ProtocolViolation, WorkerLink
 from flq.master.llm import WeightAdvisor, facts_for
@@ -500,10 +500,7 @@ class RoundEngine:
 
 def _sample_shares(offers: dict[WorkerRecord, UploadOffer]) -> dict[str, float]:
     """Each offering worker's share of the round's samples (equal shares if none reports any)."""
-    total = sum(o.num_samples for o in offers.values())
-    if total <= 0:
-        return {r.worker_id: 1.0 / len(offers) for r in offers}
-    return {r.worker_id: o.num_samples / total for r, o in offers.items()}
+    return normalise({r.worker_id: float(o.num_samples) for r, o in offers.items()})
 
 
 def _weighted_loss(offers: dict[WorkerRecord, UploadOffer]) -> float:

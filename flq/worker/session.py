@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -69,6 +70,12 @@ class ProtocolError(RuntimeError):
     """The master sent something we cannot follow; the session ends and we reconnect."""
 
 
+def worker_seed(worker_id: str) -> int:
+    """A seed that is the same for `worker_id` in every process. Python's hash() of a str is
+    salted per process (PYTHONHASHSEED), so it would make stochastic rounding irreproducible."""
+    return int.from_bytes(hashlib.sha256(worker_id.encode("utf-8")).digest()[:8], "little")
+
+
 @dataclass
 class WorkerState:
     """Everything a worker keeps across connections."""
@@ -81,7 +88,7 @@ class WorkerState:
     connected_once: bool = False  # set when a session reached Welcome (resets the backoff)
 
     def __post_init__(self) -> None:
-        self.rng = np.random.default_rng([self.seed, abs(hash(self.worker_id)) % (2**31)])
+        self.rng = np.random.default_rng([self.seed, worker_seed(self.worker_id)])
 
     @property
     def upload_version(self) -> int:

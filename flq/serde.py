@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from flq.codec import Codec
+from flq.codec import SPECS, Codec
 from flq.codec.chunks import MAX_CHUNK_BYTES, TensorChunk
 from flq.pb import flq_pb2 as pb
 from flq.types import (
@@ -58,14 +58,15 @@ class WireError(ValueError):
 
 
 def _check_codec_registry() -> None:
-    """Every wire codec has a numpy codec and vice versa (hivemind checks this at import too)."""
+    """Every wire codec has a spec in the codec table and vice versa, with the same value
+    (hivemind checks this at import too)."""
     wire = {name.removeprefix("CODEC_") for name in pb.Codec.DESCRIPTOR.values_by_name} - {
         "UNSPECIFIED"
     }
-    local = {c.name for c in Codec}
+    local = {c.name for c in SPECS}
     if wire != local:
-        raise ImportError(f"proto Codec enum {sorted(wire)} != flq.codec.Codec {sorted(local)}")
-    for c in Codec:
+        raise ImportError(f"proto Codec enum {sorted(wire)} != flq.codec.SPECS {sorted(local)}")
+    for c in SPECS:
         if pb.Codec.Value(f"CODEC_{c.name}") != int(c):
             raise ImportError(f"codec {c.name}: proto value differs from flq.codec value {int(c)}")
 

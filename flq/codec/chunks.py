@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from flq.codec.errors import CodecError
-from flq.codec.quantizers import Codec, EncodedTensor, payload_bytes, validate
+from flq.codec.registry import payload_bytes, validate
+from flq.codec.tensor import Codec, EncodedTensor
 
 MAX_CHUNK_BYTES = 1 << 20
 DECODED_DTYPE = "float32"  # every codec decodes to float32

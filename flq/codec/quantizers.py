@@ -1,6 +1,7 @@
 """Quantizers: float tensors <-> EncodedTensor {codec, shape, bits, scales, packed bytes}.
 
-Codecs (values equal the wire enum flq.v1.Codec):
+The encoders and decoders of the dense codecs; flq/codec/registry.py ties each codec's encode,
+decode, size and validation rule together in one table.
 - FLOAT32, FLOAT16: raw little-endian floats, no scales.
 - STOCHASTIC (laq8 is bits=8): unbiased stochastic rounding onto 2^b evenly spaced levels on
   [-s, s], s = max|x|, scales=(s,).
@@ -25,9 +26,7 @@ a few hundred kilobytes beyond the output. Scales near float32's limits (below 1
 
 from __future__ import annotations
 
-import enum
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,72 +36,15 @@ from flq.codec.bitpack import (
     MAX_BITS,
     MIN_BITS,
     PayloadBuffer,
-    check_payload,
     pack_into,
     packed_size,
     unpack_block,
     value_dtype,
 )
 from flq.codec.errors import CodecError
+from flq.codec.tensor import Codec, EncodedTensor
 
-
-class Codec(enum.IntEnum):
-    """How a tensor's bytes are encoded; equal to the proto enum flq.v1.Codec."""
-
-    FLOAT32 = 1
-    FLOAT16 = 2
-    STOCHASTIC = 3
-    LAQ_GRID = 4
-    SIGN = 5
-    BLOCK_GRID = 6
-
-
-HEADER_FIXED_BITS = 16  # codec id (8) + bit width (8)
-
-
-def header_bits(ndim: int, nscales: int) -> int:
-    """Bits a tensor header costs: fixed part, 32 per shape dim, 32 per scale."""
-    return HEADER_FIXED_BITS + 32 * ndim + 32 * nscales
-
-
-@dataclass(frozen=True)
-class EncodedTensor:
-    """One encoded tensor as it travels; `validate` says whether it is well formed."""
-
-    codec: Codec
-    shape: tuple[int, ...]
-    bits: int  # bits per value in `data` (32 for float32, 16 for float16)
-    scales: tuple[float, ...]
-    data: bytes
-
-    @property
-    def size(self) -> int:
-        """Number of values: the product of the shape (1 for a 0-d tensor)."""
-        return math.prod(self.shape)
-
-    def cost_bits(self) -> int:
-        """Bits this tensor costs on the wire: payload plus header."""
-        return 8 * len(self.data) + header_bits(len(self.shape), len(self.scales))
-
-
-@dataclass(frozen=True)
-class _CodecRule:
-    """What a well-formed tensor of one codec looks like."""
-
-    min_bits: int
-    max_bits: int
-    scale_names: tuple[str, ...]  # each a magnitude: finite and >= 0
-
-
-_RULES: dict[Codec, _CodecRule] = {
-    Codec.FLOAT32: _CodecRule(32, 32, ()),
-    Codec.FLOAT16: _CodecRule(16, 16, ()),
-    Codec.STOCHASTIC: _CodecRule(MIN_BITS, MAX_BITS, ("s",)),
-    Codec.LAQ_GRID: _CodecRule(MIN_BITS, MAX_BITS, ("R",)),
-    Codec.SIGN: _CodecRule(1, 1, ("s",)),
-    Codec.BLOCK_GRID: _CodecRule(blockgrid.MIN_BITS, MAX_BITS, ("block",)),
-}
-_FLOAT_DTYPES: dict[Codec, np.dtype[np.floating]] = {
+FLOAT_DTYPES: dict[Codec, np.dtype[np.floating]] = {
     Codec.FLOAT32: np.dtype("<f4"),
     Codec.FLOAT16: np.dtype("<f2"),
 }
@@ -144,7 +86,7 @@ def encode_float16(x: np.ndarray) -> EncodedTensor:
 
 def encode_stochastic(x: np.ndarray, bits: int, rng: np.random.Generator) -> EncodedTensor:
     """Unbiased stochastic `bits`-bit quantization with one scale s = max|x|: E[decode] = x."""
-    _check_codec_bits(Codec.STOCHASTIC, bits)
+    check_bits_in(Codec.STOCHASTIC, bits, MIN_BITS, MAX_BITS)
     values, radius = _finite_input(x)
     data = _grid_payload(values.reshape(-1), bits, radius, rng)
     return EncodedTensor(Codec.STOCHASTIC, values.shape, bits, (radius,), data)
@@ -157,7 +99,7 @@ def encode_laq_grid(
 
     With `rng`, stochastic rounding on the same grid replaces round-to-nearest (unbiased).
     """
-    _check_codec_bits(Codec.LAQ_GRID, bits)
+    check_bits_in(Codec.LAQ_GRID, bits, MIN_BITS, MAX_BITS)
     values, radius = _finite_input(v)
     data = _grid_payload(values.reshape(-1), bits, radius, rng)
     return EncodedTensor(Codec.LAQ_GRID, values.shape, bits, (radius,), data)
@@ -170,7 +112,7 @@ def encode_block_grid(
 
     With `rng`, stochastic rounding on the same levels replaces round-to-nearest (unbiased).
     """
-    _check_codec_bits(Codec.BLOCK_GRID, bits)
+    check_bits_in(Codec.BLOCK_GRID, bits, blockgrid.MIN_BITS, MAX_BITS)
     size = blockgrid.check_block(block)
     values, _ = _finite_input(v)
     data = blockgrid.encode(values.reshape(-1), bits, size, rng)
@@ -203,121 +145,27 @@ def encode_sign(v: np.ndarray) -> EncodedTensor:
     return EncodedTensor(Codec.SIGN, values.shape, 1, (mean_abs,), payload.finish())
 
 
-def encode(
-    codec: Codec,
-    x: np.ndarray,
-    bits: int,
-    rng: np.random.Generator | None = None,
-    block: int = 256,
-) -> EncodedTensor:
-    """Encode `x` with `codec` at `bits` bits per value (fixed-width codecs require their width);
-    `block` is the block size of BLOCK_GRID and ignored by the others."""
-    kind = _known_codec(codec)
-    _check_codec_bits(kind, bits)
-    if kind is Codec.BLOCK_GRID:
-        return encode_block_grid(x, bits, block, rng)
-    if kind is Codec.FLOAT32:
-        return encode_float32(x)
-    if kind is Codec.FLOAT16:
-        return encode_float16(x)
-    if kind is Codec.SIGN:
-        return encode_sign(x)
-    if kind is Codec.LAQ_GRID:
-        return encode_laq_grid(x, bits, rng)
-    if rng is None:
-        raise CodecError("rng: got None, expected a numpy Generator for STOCHASTIC")
-    return encode_stochastic(x, bits, rng)
+# ---------------------------------------------------------------- checks and decoders
 
 
-# ---------------------------------------------------------------- decode and validate
-
-
-def decode(enc: EncodedTensor, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """The float32 array `enc` stands for, after every check of `validate`."""
-    validate(enc, expected_shape)
-    codec = Codec(enc.codec)
-    shape = tuple(int(d) for d in enc.shape)
-    if codec in _FLOAT_DTYPES:
-        flat = np.frombuffer(enc.data, dtype=_FLOAT_DTYPES[codec]).astype(np.float32)
-    elif codec is Codec.SIGN:
-        flat = _sign_values(enc.data, enc.size, enc.scales[0])
-    elif codec is Codec.BLOCK_GRID:
-        flat = blockgrid.decode(enc.data, enc.bits, enc.size, int(enc.scales[0]))
-    else:
-        flat = _grid_values(enc.data, enc.bits, enc.size, enc.scales[0])
-    return flat.reshape(shape)
-
-
-def validate(enc: EncodedTensor, expected_shape: tuple[int, ...] | None = None) -> None:
-    """Raise CodecError naming the field unless `enc` is a well-formed tensor of its codec."""
-    codec = _known_codec(enc.codec)
-    shape = _checked_shape(enc.shape)
-    if expected_shape is not None and shape != tuple(expected_shape):
-        raise CodecError(f"shape: got {shape}, expected {tuple(expected_shape)}")
-    _check_codec_bits(codec, enc.bits)
-    _check_scales(codec, enc.scales)
-    count = math.prod(shape)
-    if codec in _FLOAT_DTYPES:
-        _check_float_payload(enc.data, _FLOAT_DTYPES[codec], count)
-    elif codec is Codec.BLOCK_GRID:
-        blockgrid.check_payload(enc.data, enc.bits, count, int(enc.scales[0]))
-    else:
-        check_payload(len(enc.data), enc.bits, count)
-
-
-def payload_bytes(codec: Codec, bits: int, count: int, scales: tuple[float, ...] = ()) -> int:
-    """Bytes the payload of `count` values takes with `codec` at `bits` (both checked);
-    BLOCK_GRID also needs its scales (the block size)."""
-    kind = _known_codec(codec)
-    _check_codec_bits(kind, bits)
-    if kind in _FLOAT_DTYPES:
-        return count * _FLOAT_DTYPES[kind].itemsize
-    if kind is Codec.BLOCK_GRID:
-        _check_scales(kind, scales)
-        return blockgrid.payload_size(count, bits, int(scales[0]))
-    return packed_size(count, bits)
-
-
-def _known_codec(codec: object) -> Codec:
-    try:
-        return Codec(codec)  # type: ignore[arg-type]
-    except (ValueError, TypeError):
-        valid = ", ".join(f"{c.name}={c.value}" for c in Codec)
-        raise CodecError(f"codec: got {codec!r}, expected one of {valid}") from None
-
-
-def _checked_shape(shape: object) -> tuple[int, ...]:
-    dims = tuple(shape) if isinstance(shape, (tuple, list)) else None
-    if dims is None or not all(_is_int(d) and d >= 0 for d in dims):
-        raise CodecError(f"shape: got {shape!r}, expected a tuple of ints >= 0")
-    return tuple(int(d) for d in dims)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_codec_bits(codec: Codec, bits: object) -> None:
-    rule = _RULES[codec]
-    if not _is_int(bits) or not rule.min_bits <= bits <= rule.max_bits:  # type: ignore[operator]
-        expected = (
-            str(rule.min_bits)
-            if rule.min_bits == rule.max_bits
-            else f"{rule.min_bits}..{rule.max_bits}"
-        )
+def check_bits_in(codec: Codec, bits: object, low: int, high: int) -> None:
+    """CodecError naming the field unless `bits` is an int in low..high."""
+    if not is_int(bits) or not low <= bits <= high:  # type: ignore[operator]
+        expected = str(low) if low == high else f"{low}..{high}"
         raise CodecError(f"bits: got {bits!r}, expected {expected} for {codec.name}")
 
 
-def _check_scales(codec: Codec, scales: tuple[float, ...]) -> None:
-    names = _RULES[codec].scale_names
+def is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_magnitudes(codec: Codec, names: tuple[str, ...], scales: tuple[float, ...]) -> None:
+    """CodecError unless `scales` holds one finite, non-negative float32 value per name."""
     if len(scales) != len(names):
         raise CodecError(
             f"scales: got {len(scales)} values, expected {len(names)} ({list(names)}) "
             f"for {codec.name}"
         )
-    if codec is Codec.BLOCK_GRID:
-        blockgrid.check_block(scales[0])
-        return
     for name, value in zip(names, scales, strict=True):
         if not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value):
             raise CodecError(f"scales[{name}]: got {value!r}, expected a finite number")
@@ -327,7 +175,12 @@ def _check_scales(codec: Codec, scales: tuple[float, ...]) -> None:
             raise CodecError(f"scales[{name}]: got {value!r}, expected to fit float32")
 
 
-def _check_float_payload(data: bytes, dtype: np.dtype[np.floating], count: int) -> None:
+def float_values(data: bytes, codec: Codec) -> np.ndarray:
+    """Decode a raw float payload to float32."""
+    return np.frombuffer(data, dtype=FLOAT_DTYPES[codec]).astype(np.float32)
+
+
+def check_float_payload(data: bytes, dtype: np.dtype[np.floating], count: int) -> None:
     expected = count * dtype.itemsize
     if len(data) != expected:
         raise CodecError(
@@ -466,12 +319,12 @@ def _add_dither(t: np.ndarray, rng: np.random.Generator, scratch: np.ndarray) ->
     np.add(t, scratch, out=t)
 
 
-def _grid_values(data: bytes, bits: int, count: int, radius: float) -> np.ndarray:
+def grid_values(data: bytes, bits: int, count: int, radius: float) -> np.ndarray:
     """Decode packed grid indices: q*step - radius, step = 2*radius/(2^bits - 1)."""
     return _affine_values(data, bits, count, 2.0 * radius / ((1 << bits) - 1), radius)
 
 
-def _sign_values(data: bytes, count: int, mean_abs: float) -> np.ndarray:
+def sign_values(data: bytes, count: int, mean_abs: float) -> np.ndarray:
     """Decode sign bits: bit 1 -> +s, bit 0 -> -s (as bit*2s - s, which is exact)."""
     return _affine_values(data, 1, count, 2.0 * mean_abs, mean_abs)
 

@@ -2,8 +2,9 @@
 
 Every daemon owns its own `CollectorRegistry` (never the process-global one), so tests and the
 simulator can run several daemons in one process. Values that already live in the daemon (who is
-connected, the master's state, protocol rejections counted by the round engine) are read when
-Prometheus scrapes, not copied; per-round values are recorded by `observe_round`.
+connected, the master's state) are read when Prometheus scrapes, not copied; per-round values are
+recorded by `observe_round`, and refused calls and messages are counted here, by reason: the
+servicer's refusals through `count_rejected`, the round engine's from each round's outcome.
 
 The worker's numbers come from watching its link: every message it sends or receives passes an
 `ObservedMasterLink`, so the session code stays unaware of metrics. Board gauges (power,
@@ -21,7 +22,7 @@ from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from flq.link import MasterLink, ReceivedByWorker
@@ -69,7 +70,6 @@ class MasterSources:
 
     connected_workers: Callable[[], int] = lambda: 0
     state: Callable[[], str] = lambda: "starting"
-    rejected: Callable[[], Mapping[str, int]] = dict
 
 
 class _MasterLive(Collector):
@@ -89,18 +89,10 @@ class _MasterLive(Collector):
         for name in dict.fromkeys((*MASTER_STATES, current)):
             state.add_metric([name], 1.0 if name == current else 0.0)
         yield state
-        rejected = CounterMetricFamily(
-            "flq_master_rejected_messages",
-            "Calls and messages refused, by reason (malformed, auth, protocol status code).",
-            labels=["reason"],
-        )
-        for reason, count in sorted(self.sources.rejected().items()):
-            rejected.add_metric([reason], float(count))
-        yield rejected
 
 
 class RoundLike(Protocol):
-    """What observe_round reads from a round's outcome (flq.master.engine.RoundOutcome)."""
+    """What observe_round reads from a round's outcome (flq.master.outcome.RoundOutcome)."""
 
     round: int
     participants: list[str]
@@ -108,6 +100,7 @@ class RoundLike(Protocol):
     skipped: list[str]
     denied: dict[str, str]
     failed: dict[str, str]
+    rejected: dict[str, str]
     uplink_bits: int
     downlink_bits: int
     wire_bytes: int
@@ -162,6 +155,12 @@ class MasterMetrics:
             ["outcome"],
             registry=r,
         )
+        self.rejected = Counter(
+            "flq_master_rejected_messages",
+            "Calls and messages refused, by reason (malformed, auth, protocol status code).",
+            ["reason"],
+            registry=r,
+        )
         self.round_seconds = Histogram(
             "flq_master_round_duration_seconds",
             "Wall time of a round, model out to step applied.",
@@ -177,7 +176,19 @@ class MasterMetrics:
         self.train_loss.set(math.nan)
         r.register(_MasterLive(sources or MasterSources()))
 
+    def count_rejected(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+
+    def rejected_count(self, reason: str) -> int:
+        """How many calls or messages were refused for `reason` so far."""
+        value = self.registry.get_sample_value(
+            "flq_master_rejected_messages_total", {"reason": reason}
+        )
+        return int(value or 0)
+
     def observe_round(self, outcome: RoundLike, accuracy: float, loss: float) -> None:
+        for code in outcome.rejected.values():
+            self.count_rejected(code)
         self.rounds.inc()
         self.round.set(outcome.round)
         self.accuracy.set(accuracy)

@@ -70,7 +70,7 @@ class MasterDaemon:
         self.ready = asyncio.Event()
         self._security: MasterSecurity | None = None
         self.metrics = MasterMetrics(
-            MasterSources(self._connected_count, lambda: self.state_name, self._rejected_counts),
+            MasterSources(self._connected_count, lambda: self.state_name),
             up_budget_bits=cfg.budget_selection.up_budget_bits,
         )
         self.metrics_server: MetricsServer | None = None
@@ -136,9 +136,6 @@ class MasterDaemon:
     def _connected_count(self) -> int:
         return 0 if self.federation is None else len(self.federation.registry.connected())
 
-    def _rejected_counts(self) -> dict[str, int]:
-        return {} if self.federation is None else dict(self.federation.engine.rejected)
-
     def _model_info(self) -> ModelInfo:
         cfg, fed = self.cfg, self.federation
         spec = None if fed is None else getattr(fed.evaluation, "spec", None)
@@ -164,9 +161,7 @@ class MasterDaemon:
         return state.round - 1, [encode_float32(w) for w in self.federation.model_weights()]
 
     def count_rejected(self, reason: str) -> None:
-        if self.federation is not None:
-            rejected = self.federation.engine.rejected
-            rejected[reason] = rejected.get(reason, 0) + 1
+        self.metrics.count_rejected(reason)
 
     # ------------------------------------------------------------ lifecycle
 

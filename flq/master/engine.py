@@ -9,10 +9,9 @@ this module only sequences it and counts what crosses the wire.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -21,15 +20,15 @@ import structlog
 from flq.algorithm import Offer, normalise, select_uploads
 from flq.codec import CodecError, EncodedTensor, Reassembler, group_chunks, split_tensors
 from flq.link import LinkClosed, ProtocolViolation, WorkerLink
-from flq.master.llm import WeightAdvisor, facts_for
+from flq.master.handshake import check_hello, reconcile_references, welcome_for
+from flq.master.llm import WeightAdvisor, advise_within, facts_for
+from flq.master.outcome import RoundOutcome
 from flq.master.registry import Registry, WorkerRecord
 from flq.master.state import MasterState, WeightDecision
-from flq.serde import PROTOCOL_VERSION
 from flq.types import (
     Decision,
     EvalResult,
     Heartbeat,
-    Hello,
     ResetReference,
     RoundConfig,
     RoundStart,
@@ -37,13 +36,13 @@ from flq.types import (
     Skip,
     UpdateChunk,
     UploadOffer,
-    Welcome,
     WorkerMessage,
 )
 
 log = structlog.get_logger("flq.master")
 T = TypeVar("T")
-ADVICE_GRACE_S = 1.0  # beyond the advisor's own timeout, which bounds its call to the model
+
+__all__ = ["EngineSettings", "RoundEngine", "RoundOutcome"]
 
 
 @dataclass(frozen=True)
@@ -56,26 +55,6 @@ class EngineSettings:
     hello_timeout_s: float = 30.0
 
 
-@dataclass
-class RoundOutcome:
-    round: int
-    participants: list[str] = field(default_factory=list)
-    selected: list[str] = field(default_factory=list)  # granted and received
-    skipped: list[str] = field(default_factory=list)  # lazy: did not want to upload
-    denied: dict[str, str] = field(default_factory=dict)  # wanted, but budget/top-k said no
-    failed: dict[str, str] = field(default_factory=dict)  # worker -> why
-    uplink_bits: int = 0
-    downlink_bits: int = 0
-    wire_bytes: int = 0
-    seconds: float = 0.0
-    train_loss: float = float("nan")
-    lazy_scalar: float = 0.0
-    weights: dict[str, float] = field(default_factory=dict)
-    weights_source: str = "samples"  # samples | uniform | llm | cache | fallback:<reason>
-    llm_confidence: float = math.nan
-    llm_reasoning: str = ""
-
-
 class _Failure(Exception):
     """One worker's round ended badly; `reason` goes into the results."""
 
@@ -85,6 +64,10 @@ class _Failure(Exception):
 
 
 class RoundEngine:
+    """Runs FLQ rounds over `WorkerLink`s: `accept` starts a worker's session, `run_round` runs
+    one round with every connected worker. Transport-free: the daemon and the simulator drive
+    the same engine (flq.master.driver), over gRPC and in-memory links respectively."""
+
     def __init__(
         self,
         state: MasterState,
@@ -96,7 +79,6 @@ class RoundEngine:
         self.registry = registry
         self.settings = settings
         self.advisor = advisor  # proposes each round's aggregation weights (weighting = "llm")
-        self.rejected: dict[str, int] = {}  # protocol violations by reason, for metrics
         # This round's RoundStart messages per payload, built once and sent to every worker
         # holding the same reference: (the round's downlink, {id(payload): (payload, parts)}).
         self._round_parts: tuple[object, dict[int, tuple[object, list[RoundStart]]]] = (None, {})
@@ -104,54 +86,22 @@ class RoundEngine:
     # ------------------------------------------------------------ sessions
 
     async def accept(self, link: WorkerLink) -> WorkerRecord:
-        """Handshake on a new link: Hello in, reference reconciliation, Welcome out."""
+        """Handshake on a new link: Hello in, registry and reference reconciliation, Welcome
+        out (flq.master.handshake)."""
         try:
             first = await asyncio.wait_for(link.recv(), self.settings.hello_timeout_s)
         except asyncio.TimeoutError as error:
             raise ProtocolViolation(
                 "DEADLINE_EXCEEDED", "no Hello within the hello timeout"
             ) from error
-        hello = first.message
-        if not isinstance(hello, Hello):
-            raise ProtocolViolation(
-                "FAILED_PRECONDITION", f"first message must be Hello, got {type(hello).__name__}"
-            )
-        if hello.worker_id != link.worker_id and link.worker_id:
-            raise ProtocolViolation(
-                "PERMISSION_DENIED", f"worker id {hello.worker_id!r} differs from the session's"
-            )
-        if hello.protocol_version != PROTOCOL_VERSION:
-            raise ProtocolViolation(
-                "FAILED_PRECONDITION",
-                f"protocol version {hello.protocol_version}, master speaks {PROTOCOL_VERSION}",
-            )
+        hello = check_hello(first.message, link.worker_id)
         record, replaced = self.registry.attach(hello, link)
         if replaced is not None:
             await _close_quietly(
                 replaced, Shutdown(self.state.round, "replaced by a new session", reconnect=False)
             )
-        reset = self.state.store.version(hello.worker_id) != hello.upload_ref_version
-        if reset:
-            log.warning(
-                "reference mismatch: resetting",
-                worker=hello.worker_id,
-                master_version=self.state.store.version(hello.worker_id),
-                worker_version=hello.upload_ref_version,
-            )
-            self.state.store.reset(hello.worker_id)
-        in_sync = hello.download_ref_version == self.state.downlink.version
-        record.download_version = hello.download_ref_version if in_sync else -1
-        await link.send(
-            Welcome(
-                worker_id=hello.worker_id,
-                protocol_version=PROTOCOL_VERSION,
-                session_id=link.session_id,
-                round=self.state.round,
-                reset_references=reset,
-                upload_ref_version=self.state.store.version(hello.worker_id),
-                download_ref_version=self.state.downlink.version,
-            )
-        )
+        reset = reconcile_references(hello, record, self.state)
+        await link.send(welcome_for(hello, link.session_id, self.state, reset))
         log.info(
             "worker connected",
             worker=hello.worker_id,
@@ -165,11 +115,23 @@ class RoundEngine:
     # ------------------------------------------------------------ one round
 
     async def run_round(self) -> RoundOutcome:
+        """One FLQ round, as DESIGN.md's "one round, end to end" states it:
+
+        1. send every connected worker the global model (quantized against its reference);
+        2. collect one offer per worker: wants to upload, at what cost in bits, with what energy;
+        3. select uploads under the top-k / bit-budget rule and tell every worker its decision;
+        4. collect the granted uploads; a granted upload that never arrived resets that
+           worker's reference on both sides;
+        5. store the uploads, add the round to the registry's counters, ask the weight advisor
+           (if any) and step the global model with every stored contribution.
+
+        Each phase runs all workers concurrently under one deadline; a worker that misses it,
+        leaves or breaks the protocol fails this round alone (`outcome.failed`).
+        """
         round_id = self.state.round
         structlog.contextvars.bind_contextvars(round=round_id)
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.round_timeout_s
+        deadline = asyncio.get_running_loop().time() + self.settings.round_timeout_s
         records = self.registry.connected()
         outcome = RoundOutcome(round=round_id, participants=[r.worker_id for r in records])
 
@@ -190,6 +152,7 @@ class RoundEngine:
         )
         await self._reset_lost_uploads(uploaders, uploads, outcome)
         self._apply(uploads, outcome)
+        self.registry.record_round(outcome)
         decision = await self._advise(round_id, outcome)
         self._step(offers, outcome, decision)
         outcome.seconds = time.perf_counter() - started
@@ -228,7 +191,7 @@ class RoundEngine:
             elif isinstance(error, LinkClosed):
                 self._fail(record, "disconnected", outcome)
             elif isinstance(error, ProtocolViolation):
-                await self._reject(record, error)
+                await self._reject(record, error, outcome)
                 self._fail(record, f"rejected: {error.reason}", outcome)
             else:
                 raise error
@@ -236,11 +199,12 @@ class RoundEngine:
 
     def _fail(self, record: WorkerRecord, reason: str, outcome: RoundOutcome) -> None:
         outcome.failed[record.worker_id] = reason
-        record.failures += 1
         log.warning("worker failed the round", worker=record.worker_id, reason=reason)
 
-    async def _reject(self, record: WorkerRecord, violation: ProtocolViolation) -> None:
-        self.rejected[violation.code] = self.rejected.get(violation.code, 0) + 1
+    async def _reject(
+        self, record: WorkerRecord, violation: ProtocolViolation, outcome: RoundOutcome
+    ) -> None:
+        outcome.rejected[record.worker_id] = violation.code
         log.error(
             "protocol violation: session rejected",
             worker=record.worker_id,
@@ -342,7 +306,7 @@ class RoundEngine:
         assert isinstance(message, UploadOffer)
         if message.wants_upload and message.cost_bits <= 0:
             raise ProtocolViolation("INVALID_ARGUMENT", "offer wants to upload with cost_bits 0")
-        record.recent_losses.append(message.train_loss)
+        outcome.train_losses[record.worker_id] = message.train_loss
         return message
 
     def _select(self, offers: dict[WorkerRecord, UploadOffer], outcome: RoundOutcome) -> set[str]:
@@ -386,8 +350,6 @@ class RoundEngine:
             ),
             outcome,
         )
-        if not ok:
-            record.skips += 1
 
     async def _recv_upload(
         self, record: WorkerRecord, round_id: int, outcome: RoundOutcome
@@ -454,32 +416,20 @@ class RoundEngine:
         for record, encoded in sorted(uploads.items(), key=lambda item: item[0].worker_id):
             bits = sum(e.cost_bits() for e in encoded)
             self.state.store.apply_upload(record.worker_id, encoded)
-            record.uplink_bits += bits
-            record.uploads += 1
-            record.last_upload_round = self.state.round
+            outcome.upload_bits[record.worker_id] = bits
             outcome.uplink_bits += bits
             outcome.selected.append(record.worker_id)
 
     async def _advise(self, round_id: int, outcome: RoundOutcome) -> WeightDecision | None:
-        """The advisor's weights for this round's contributors, waited on for at most its
-        timeout (plus a grace the advisor itself never needs); any failure is a fallback."""
-        advisor = self.advisor
-        if advisor is None:
+        """The advisor's weights for this round's contributors (None without an advisor)."""
+        if self.advisor is None:
             return None
         fresh = set(outcome.selected)
         contributors = [
             facts_for(w, self.registry.get(w), round_id, w in fresh)
             for w in self.state.store.contributors()
         ]
-        try:
-            return await asyncio.wait_for(
-                advisor.advise(round_id, contributors), advisor.timeout_s + ADVICE_GRACE_S
-            )
-        except asyncio.TimeoutError:
-            return advisor.fallback(contributors, "timeout", "the advisor overran its timeout")
-        except Exception as error:  # an advisor's bug must cost one round's advice, not the round
-            log.exception("weight advisor failed", error=type(error).__name__)
-            return advisor.fallback(contributors, "error", f"{type(error).__name__}: {error}")
+        return await advise_within(self.advisor, round_id, contributors)
 
     def _step(
         self,

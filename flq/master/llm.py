@@ -45,6 +45,7 @@ log = structlog.get_logger("flq.master.llm")
 BASE_URL_ENV = "FLQ_LLM_BASE_URL"
 LOSSES_IN_PROMPT = 5
 REASONING_CHARS = 240  # results and `flq status` keep one short line
+ADVICE_GRACE_S = 1.0  # beyond the advisor's own timeout, which bounds its call to the model
 HTTP_GRACE_S = 1.0  # the SDK's own HTTP timeout sits behind ours, so ours always fires first
 
 SYSTEM_INSTRUCTION = """\
@@ -266,6 +267,23 @@ class WeightAdvisor(Protocol):
     def fallback(
         self, contributors: Sequence[ContributorFacts], reason: str, detail: str = ""
     ) -> WeightDecision: ...
+
+
+async def advise_within(
+    advisor: WeightAdvisor, round_id: int, contributors: Sequence[ContributorFacts]
+) -> WeightDecision:
+    """The advisor's weights, waited on for at most its timeout (plus a grace the advisor itself
+    never needs); an overrun or any error is the advisor's fallback, so advice costs a round
+    nothing but its own answer."""
+    try:
+        return await asyncio.wait_for(
+            advisor.advise(round_id, contributors), advisor.timeout_s + ADVICE_GRACE_S
+        )
+    except asyncio.TimeoutError:
+        return advisor.fallback(contributors, "timeout", "the advisor overran its timeout")
+    except Exception as error:  # an advisor's bug must cost one round's advice, not the round
+        log.exception("weight advisor failed", error=type(error).__name__)
+        return advisor.fallback(contributors, "error", f"{type(error).__name__}: {error}")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from flq.link import WorkerLink
+from flq.master.outcome import RoundOutcome
 from flq.types import DeviceInfo, Hello, Location
 
 log = structlog.get_logger("flq.master.registry")
@@ -47,6 +48,9 @@ class WorkerRecord:
 
 
 class Registry:
+    """Every worker the master has met, by id: its current link (None when disconnected), what
+    its Hello said, and its running counters (changed only by `record_round`)."""
+
     def __init__(self) -> None:
         self._records: dict[str, WorkerRecord] = {}
         self._changed = asyncio.Event()
@@ -80,6 +84,28 @@ class Registry:
         if record is not None and record.link is link:
             record.link = None
             self._notify()
+
+    def record_round(self, outcome: RoundOutcome) -> None:
+        """Add one round to each worker's counters: the offered loss, uploads and their bits,
+        skips (lazy or denied, told so) and failures. The one place these counters change."""
+        for worker_id, loss in outcome.train_losses.items():
+            self._counted(worker_id).recent_losses.append(loss)
+        for worker_id, bits in outcome.upload_bits.items():
+            record = self._counted(worker_id)
+            record.uplink_bits += bits
+            record.uploads += 1
+            record.last_upload_round = outcome.round
+        for worker_id in (*outcome.skipped, *outcome.denied):
+            if worker_id not in outcome.failed:  # a worker its Decision never reached failed
+                self._counted(worker_id).skips += 1
+        for worker_id in outcome.failed:
+            self._counted(worker_id).failures += 1
+
+    def _counted(self, worker_id: str) -> WorkerRecord:
+        record = self._records.get(worker_id)
+        if record is None:
+            raise KeyError(f"round outcome names worker {worker_id!r}, which never connected")
+        return record
 
     def get(self, worker_id: str) -> WorkerRecord | None:
         return self._records.get(worker_id)

@@ -266,7 +266,7 @@ def test_bad_worker_tokens_are_refused_logged_and_change_nothing(
     refused = refusals(logs)
     assert [r["code"] for r in refused] == [code]
     assert refused[0]["rpc"] == "Session"
-    assert daemon.engine.rejected.get(counted) == 1
+    assert daemon.metrics.rejected_count(counted) == 1
     assert_no_secret_in(logs, token, worker_token(certs, "w0"))
 
 
@@ -274,7 +274,7 @@ def test_a_certificate_for_another_worker_is_refused(secure_master: Any, certs: 
     _, daemon, logs = secure_master
     token = worker_token(certs, "w0")
     message, before, after = _refused_worker(secure_master, certs, "w0", token, certs, "w1")
-    assert daemon.engine.rejected.get("permission_denied") == 1
+    assert daemon.metrics.rejected_count("permission_denied") == 1
     assert message.startswith("PERMISSION_DENIED") and "certificate" in message
     assert_same_model(before, after)
     assert [r["code"] for r in refusals(logs)] == ["PERMISSION_DENIED"]
@@ -306,7 +306,7 @@ def test_a_hello_with_another_id_than_the_token_is_refused(secure_master: Any, c
     after = loop.run_until_complete(pull_model(daemon.port, admin_creds, admin_token(certs)))
     assert_same_model(before, after)
     assert daemon.federation.registry.get("w1") is None
-    assert daemon.engine.rejected.get("permission_denied") == 1
+    assert daemon.metrics.rejected_count("permission_denied") == 1
     assert any(e["event"] == "session rejected" and e["code"] == "PERMISSION_DENIED" for e in logs)
 
 
@@ -396,7 +396,7 @@ def test_admin_rpcs_need_the_admin_token(
     assert_same_model(before, after)
     refused = refusals(logs)
     assert [r["rpc"] for r in refused] == ["Status", "Stop", "GetGlobalModel"]
-    assert daemon.engine.rejected.get("unauthenticated") == 3
+    assert daemon.metrics.rejected_count("unauthenticated") == 3
     assert_no_secret_in(logs, admin_token(certs), *([token] if token else []))
 
 

@@ -1,0 +1,69 @@
+"""A new session's handshake: a pure check of the Hello, then reference reconciliation.
+
+`check_hello` decides from the message alone whether a session may start. `reconcile_references`
+brings master and worker to the same references (DESIGN: a mismatch resets both sides, logged,
+never silently) and `welcome_for` tells the worker what the master holds. The round engine's
+`accept` sequences them around the registry.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from flq.link import ProtocolViolation
+from flq.master.registry import WorkerRecord
+from flq.master.state import MasterState
+from flq.serde import PROTOCOL_VERSION
+from flq.types import Hello, Welcome, WorkerMessage
+
+log = structlog.get_logger("flq.master")
+
+
+def check_hello(message: WorkerMessage, session_worker_id: str) -> Hello:
+    """The first message of a session as a Hello this master accepts; else ProtocolViolation.
+    `session_worker_id` is the id the call authenticated as ("" when the call carries none)."""
+    if not isinstance(message, Hello):
+        raise ProtocolViolation(
+            "FAILED_PRECONDITION", f"first message must be Hello, got {type(message).__name__}"
+        )
+    if session_worker_id and message.worker_id != session_worker_id:
+        raise ProtocolViolation(
+            "PERMISSION_DENIED", f"worker id {message.worker_id!r} differs from the session's"
+        )
+    if message.protocol_version != PROTOCOL_VERSION:
+        raise ProtocolViolation(
+            "FAILED_PRECONDITION",
+            f"protocol version {message.protocol_version}, master speaks {PROTOCOL_VERSION}",
+        )
+    return message
+
+
+def reconcile_references(hello: Hello, record: WorkerRecord, state: MasterState) -> bool:
+    """Align the worker's references with the master's; True when its upload reference was
+    reset. A stale downlink reference is not reset here: the worker gets a float32 keyframe
+    next round (record.download_version = -1)."""
+    master_version = state.store.version(hello.worker_id)
+    reset = master_version != hello.upload_ref_version
+    if reset:
+        log.warning(
+            "reference mismatch: resetting",
+            worker=hello.worker_id,
+            master_version=master_version,
+            worker_version=hello.upload_ref_version,
+        )
+        state.store.reset(hello.worker_id)
+    in_sync = hello.download_ref_version == state.downlink.version
+    record.download_version = hello.download_ref_version if in_sync else -1
+    return reset
+
+
+def welcome_for(hello: Hello, session_id: str, state: MasterState, reset: bool) -> Welcome:
+    return Welcome(
+        worker_id=hello.worker_id,
+        protocol_version=PROTOCOL_VERSION,
+        session_id=session_id,
+        round=state.round,
+        reset_references=reset,
+        upload_ref_version=state.store.version(hello.worker_id),
+        download_ref_version=state.downlink.version,
+    )

@@ -1,0 +1,30 @@
+"""What one round did: the record the engine fills and the driver, bookkeeper, registry and
+metrics read. Its own module so that none of those readers has to import the engine."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    participants: list[str] = field(default_factory=list)
+    selected: list[str] = field(default_factory=list)  # granted and received
+    skipped: list[str] = field(default_factory=list)  # lazy: did not want to upload
+    denied: dict[str, str] = field(default_factory=dict)  # wanted, but budget/top-k said no
+    failed: dict[str, str] = field(default_factory=dict)  # worker -> why
+    rejected: dict[str, str] = field(default_factory=dict)  # worker -> protocol status code
+    upload_bits: dict[str, int] = field(default_factory=dict)  # worker -> bits it uploaded
+    train_losses: dict[str, float] = field(default_factory=dict)  # worker -> loss it offered
+    uplink_bits: int = 0
+    downlink_bits: int = 0
+    wire_bytes: int = 0
+    seconds: float = 0.0
+    train_loss: float = float("nan")
+    lazy_scalar: float = 0.0
+    weights: dict[str, float] = field(default_factory=dict)
+    weights_source: str = "samples"  # samples | uniform | llm | cache | fallback:<reason>
+    llm_confidence: float = math.nan
+    llm_reasoning: str = ""

@@ -35,6 +35,7 @@ ClientOptimizer = Literal["sgd", "adam"]
 Mode = Literal["fedavg", "laq8", "bbit", "bin"]
 ServerOptimizer = Literal["avg", "sgd", "adam", "yogi", "adagrad"]
 Weighting = Literal["samples", "uniform", "llm"]
+AggregationRule = Literal["mean", "trimmed_mean", "median", "norm_clipped"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 LlmProvider = Literal["gemini"]
@@ -344,6 +345,54 @@ class AlgorithmConfig:
     )
 
 
+_rule = rule  # AggregationConfig has a key named `rule`, which hides the function in its body
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """How stored contributions combine, which uploads are refused, how long stale ones count."""
+
+    rule: AggregationRule = field(
+        default="mean",
+        metadata=rule(
+            "mean (FedAvg; honest fleets), trimmed_mean (per coordinate, drop `trim` of the "
+            "weight at each end), median (per coordinate; survives up to half bad weight, "
+            "noisiest on non-IID data), norm_clipped (each contribution scaled to at most "
+            "clip_factor x the median norm). See docs/architecture.md."
+        ),
+    )
+    trim: float = field(
+        default=0.1,
+        metadata=_rule(
+            "trimmed_mean: share of the weight dropped at each end, per coordinate.",
+            minimum=0,
+            below=0.5,
+        ),
+    )
+    clip_factor: float = field(
+        default=2.0,
+        metadata=_rule(
+            "norm_clipped: contributions are scaled to at most this x the median norm.", above=0
+        ),
+    )
+    screen_factor: float = field(
+        default=10.0,
+        metadata=_rule(
+            "Refuse (and reset) an upload whose contribution norm exceeds this x the median "
+            "norm of the others (needs 2 others); 0 = no screening.",
+            minimum=0,
+        ),
+    )
+    max_absent_rounds: int = field(
+        default=5,
+        metadata=_rule(
+            "A worker's stored contribution stops counting after it has sent no offer for this "
+            "many rounds in a row (gone or silent); it counts again once the worker is back.",
+            minimum=0,
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class LazyConfig:
     """Lazy uploads (LAQ): a worker skips a round when its innovation is small."""
@@ -608,6 +657,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     flq_algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     lazy_selection: LazyConfig = field(default_factory=LazyConfig)
     budget_selection: BudgetConfig = field(default_factory=BudgetConfig)
     jetson_optimization: JetsonConfig = field(default_factory=JetsonConfig)

@@ -2,6 +2,7 @@
 
 modes (what goes on the wire) -> reference (worker: quantize, lazy rule, commit/skip) ->
 selection (master: who may upload) -> store + aggregation (master: stale reuse, weighted mean) ->
+robust (how contributions combine) -> screening (which uploads to refuse) ->
 server_opt (the global step) -> downlink (shared reference the workers rebuild).
 """
 
@@ -29,12 +30,15 @@ from flq.algorithm.reference import (
     UploadReference,
     UploadSettings,
 )
+from flq.algorithm.robust import RULES, RuleName, combine, parse_rule
+from flq.algorithm.screening import ScreenOptions, screen_norms
 from flq.algorithm.selection import Offer, Selection, select_uploads
 from flq.algorithm.server_opt import (
     OPTIMIZERS,
     AdaptiveOptimizer,
     AverageOptimizer,
     OptimizerName,
+    Proposal,
     ServerOptimizer,
     SgdOptimizer,
     make_server_optimizer,
@@ -51,6 +55,7 @@ from flq.algorithm.weighting import (
 __all__ = [
     "MODES",
     "OPTIMIZERS",
+    "RULES",
     "AdaptiveOptimizer",
     "AggregateOptions",
     "AggregateResult",
@@ -65,8 +70,11 @@ __all__ = [
     "Offer",
     "OptimizerName",
     "PreparedUpload",
+    "Proposal",
     "RoundConfigLike",
+    "RuleName",
     "SampleWeighting",
+    "ScreenOptions",
     "Selection",
     "ServerOptimizer",
     "SgdOptimizer",
@@ -77,6 +85,7 @@ __all__ = [
     "aggregate",
     "bits_per_value",
     "check_upload",
+    "combine",
     "decide",
     "encode_upload",
     "is_forced",
@@ -86,6 +95,8 @@ __all__ = [
     "make_weighting",
     "normalise",
     "parse_mode",
+    "parse_rule",
+    "screen_norms",
     "select_uploads",
     "upload_codec",
     "weighted_mean",

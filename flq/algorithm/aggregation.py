@@ -1,8 +1,9 @@
 """One round's aggregate: the weighted mean of every stored contribution, fresh or stale.
 
-    A = sum_i w_i Q_i      over workers with a stored contribution, sum_i w_i = 1
+    A = sum_i w_i Q_i      over workers with a counting contribution, sum_i w_i = 1
 
-then, optionally:
+or, with `rule` other than "mean", a robust combination of the same Q_i and w_i
+(flq/algorithm/robust.py); then, optionally:
 - scale_by_selected: A *= sel_ref * fresh / contributors. Stale contributions already moved the
   model in earlier rounds; when most of this round's mean is old information the step shrinks
   in proportion, and a round where everyone uploaded steps by sel_ref.
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flq.algorithm._arrays import sq_norm, zeros
+from flq.algorithm.robust import RULES, RuleName, combine
 from flq.algorithm.store import ContributionStore
 from flq.algorithm.weighting import (
     SampleWeighting,
@@ -49,8 +51,17 @@ class AggregateOptions:
     clip_global: float = 0.0  # 0: no clipping
     scale_by_selected: bool = False
     sel_ref: float = 1.0
+    rule: RuleName = "mean"
+    trim: float = 0.1  # trimmed_mean: weight share dropped at each end, per coordinate
+    clip_factor: float = 2.0  # norm_clipped: bound = clip_factor x the median contribution norm
 
     def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {list(RULES)}, got {self.rule!r}")
+        if not 0 <= self.trim < 0.5:
+            raise ValueError(f"trim must be in [0, 0.5), got {self.trim}")
+        if self.clip_factor <= 0:
+            raise ValueError(f"clip_factor must be > 0, got {self.clip_factor}")
         if self.clip_global < 0:
             raise ValueError(f"clip_global must be >= 0, got {self.clip_global}")
         if self.sel_ref <= 0:
@@ -79,6 +90,25 @@ def weighted_mean(store: ContributionStore, weights: Mapping[str, float]) -> lis
     return [t.astype(np.float32) for t in totals]
 
 
+def _combine(
+    store: ContributionStore, weights: Mapping[str, float], options: AggregateOptions
+) -> list[np.ndarray]:
+    if options.rule == "mean":
+        return weighted_mean(store, weights)
+    ids = sorted(weights)
+    stored = [store.contribution(w) for w in ids]
+    contributions = [c for c in stored if c is not None]
+    if len(contributions) != len(ids):
+        raise ValueError("every weighted worker needs a stored contribution")
+    return combine(
+        options.rule,
+        contributions,
+        [weights[w] for w in ids],
+        trim=options.trim,
+        clip_factor=options.clip_factor,
+    )
+
+
 def _selected_factor(options: AggregateOptions, fresh: int, contributors: int) -> float:
     if not options.scale_by_selected or contributors == 0:
         return 1.0
@@ -105,7 +135,7 @@ def aggregate(
     proposed = weighting.weights(contributors, samples)
     # Only contributors can carry weight: one the rule left out weighs 0, extra names are ignored.
     weights = normalise({w: float(proposed.get(w, 0.0)) for w in contributors})
-    mean = weighted_mean(store, weights)
+    mean = _combine(store, weights, options)
     lazy_scalar = sq_norm(mean)
     fresh_count = sum(1 for w in contributors if w in fresh)
     scale = _selected_factor(options, fresh_count, len(contributors))

@@ -11,6 +11,11 @@ follow FedOpt (Reddi et al., "Adaptive Federated Optimization", ICLR 2021):
     theta -= server_lr * m_hat / (sqrt(v_hat) + eps)      (eps = tau = 1e-3 for yogi/adagrad)
 
 All arithmetic is float32, as the model is. Each optimizer checkpoints through state()/load_state().
+
+A step is two moves: `propose` computes the new weights and optimizer state without changing
+anything, `commit` adopts them. The master checks a proposal is finite before committing it, so an
+overflow (a huge but finite update squared into Adam's v, say) can never reach the global model,
+the optimizer's state or a checkpoint. `step` is propose-then-commit.
 """
 
 from __future__ import annotations
@@ -27,11 +32,33 @@ OptimizerName: TypeAlias = Literal["avg", "sgd", "adam", "yogi", "adagrad"]
 OPTIMIZERS: tuple[OptimizerName, ...] = get_args(OptimizerName)
 
 
+@dataclass(frozen=True)
+class Proposal:
+    """A step not yet taken: the new weights and the optimizer state that would go with them."""
+
+    weights: list[np.ndarray]
+    state: tuple[Any, ...] = ()  # the optimizer's own: arrays and scalars, opaque to callers
+
+    def finite(self) -> bool:
+        """True when every weight and every array of the state is finite."""
+        state = [a for part in self.state if isinstance(part, list) for a in part]
+        arrays = [*self.weights, *state]
+        return all(bool(np.all(np.isfinite(a))) for a in arrays)
+
+
 class ServerOptimizer(Protocol):
     name: str
 
+    def propose(self, theta: Sequence[np.ndarray], delta: Sequence[np.ndarray]) -> Proposal:
+        """The step from `theta` along `delta`; nothing (theta, delta, the optimizer) changes."""
+        ...
+
+    def commit(self, proposal: Proposal) -> list[np.ndarray]:
+        """Adopt a proposal's state; returns its weights."""
+        ...
+
     def step(self, theta: Sequence[np.ndarray], delta: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """New weights (fresh arrays); `theta` and `delta` are not modified."""
+        """New weights (fresh arrays): propose, then commit."""
         ...
 
     def state(self) -> dict[str, Any]: ...
@@ -48,9 +75,16 @@ class AverageOptimizer:
 
     name: str = "avg"
 
-    def step(self, theta: Sequence[np.ndarray], delta: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def propose(self, theta: Sequence[np.ndarray], delta: Sequence[np.ndarray]) -> Proposal:
         check_shapes(delta, shapes_of(theta), "aggregate")
-        return [t + d for t, d in zip(_f32(theta), _f32(delta), strict=True)]
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the caller's to see
+            return Proposal([t + d for t, d in zip(_f32(theta), _f32(delta), strict=True)])
+
+    def commit(self, proposal: Proposal) -> list[np.ndarray]:
+        return proposal.weights
+
+    def step(self, theta: Sequence[np.ndarray], delta: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.commit(self.propose(theta, delta))
 
     def state(self) -> dict[str, Any]:
         return {"name": self.name}
@@ -66,10 +100,17 @@ class SgdOptimizer:
     lr: float
     name: str = "sgd"
 
-    def step(self, theta: Sequence[np.ndarray], delta: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def propose(self, theta: Sequence[np.ndarray], delta: Sequence[np.ndarray]) -> Proposal:
         check_shapes(delta, shapes_of(theta), "aggregate")
         lr = np.float32(self.lr)
-        return [t + lr * d for t, d in zip(_f32(theta), _f32(delta), strict=True)]
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the caller's to see
+            return Proposal([t + lr * d for t, d in zip(_f32(theta), _f32(delta), strict=True)])
+
+    def commit(self, proposal: Proposal) -> list[np.ndarray]:
+        return proposal.weights
+
+    def step(self, theta: Sequence[np.ndarray], delta: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.commit(self.propose(theta, delta))
 
     def state(self) -> dict[str, Any]:
         return {"name": self.name, "lr": self.lr}
@@ -120,34 +161,41 @@ class AdaptiveOptimizer:
         self.m: list[np.ndarray] = []
         self.v: list[np.ndarray] = []
 
-    def step(self, theta: Sequence[np.ndarray], delta: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def propose(self, theta: Sequence[np.ndarray], delta: Sequence[np.ndarray]) -> Proposal:
         shapes = shapes_of(theta)
         check_shapes(delta, shapes, "aggregate")
-        if not self.m:
-            self.m = [np.zeros(s, np.float32) for s in shapes]
-            self.v = [np.full(s, self.v_init, np.float32) for s in shapes]
-        check_shapes(self.m, shapes, "optimizer state")
-        self.t += 1
+        m_old = self.m or [np.zeros(s, np.float32) for s in shapes]
+        v_old = self.v or [np.full(s, self.v_init, np.float32) for s in shapes]
+        check_shapes(m_old, shapes, "optimizer state")
+        t = self.t + 1
         b1, b2 = np.float32(self.beta1), np.float32(self.beta2)
-        m_scale, v_scale = self._bias_corrections()
+        m_scale, v_scale = self._bias_corrections(t)
         update_v = _SECOND_MOMENT[self.name]
-        new_theta = []
-        for i, (t, d) in enumerate(zip(_f32(theta), _f32(delta), strict=True)):
-            g = -d
-            self.m[i] = b1 * self.m[i] + (1 - b1) * g
-            self.v[i] = update_v(self.v[i], g * g, b2)
-            m_hat, v_hat = self.m[i] * m_scale, self.v[i] * v_scale
-            new_theta.append(
-                t - np.float32(self.lr) * m_hat / (np.sqrt(v_hat) + np.float32(self.eps))
-            )
-        return new_theta
+        new_theta, new_m, new_v = [], [], []
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the caller's to see
+            for i, (w, d) in enumerate(zip(_f32(theta), _f32(delta), strict=True)):
+                g = -d
+                new_m.append(b1 * m_old[i] + (1 - b1) * g)
+                new_v.append(update_v(v_old[i], g * g, b2))
+                m_hat, v_hat = new_m[i] * m_scale, new_v[i] * v_scale
+                new_theta.append(
+                    w - np.float32(self.lr) * m_hat / (np.sqrt(v_hat) + np.float32(self.eps))
+                )
+        return Proposal(new_theta, (t, new_m, new_v))
 
-    def _bias_corrections(self) -> tuple[np.float32, np.float32]:
+    def commit(self, proposal: Proposal) -> list[np.ndarray]:
+        self.t, self.m, self.v = proposal.state
+        return proposal.weights
+
+    def step(self, theta: Sequence[np.ndarray], delta: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.commit(self.propose(theta, delta))
+
+    def _bias_corrections(self, t: int) -> tuple[np.float32, np.float32]:
         if not self.bias_correction:
             return np.float32(1.0), np.float32(1.0)
         return (
-            np.float32(1.0 / (1.0 - self.beta1**self.t)),
-            np.float32(1.0 / (1.0 - self.beta2**self.t)),
+            np.float32(1.0 / (1.0 - self.beta1**t)),
+            np.float32(1.0 / (1.0 - self.beta2**t)),
         )
 
     def state(self) -> dict[str, Any]:

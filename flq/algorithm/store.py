@@ -5,11 +5,16 @@ bit-identical: innovation modes add the decoded dQ, raw modes replace Q_i by the
 A worker that did not upload this round keeps its Q_i, which keeps counting in the aggregate
 (stale reuse). A worker with no upload since it joined or was reset has no contribution at all:
 its Q_i is zero, and counting it would only drag the mean towards zero.
+
+Stale reuse is bounded: a contribution stops counting once its worker has been absent (no offer
+in the round) for more than `max_absent` rounds in a row, and counts again when it is back — its
+Q_i is kept, so a returning worker needs no reset. A refused upload resets the worker: nothing it
+stored before is reused either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +22,8 @@ import numpy as np
 
 from flq.algorithm._arrays import Shapes, check_finite, zeros
 from flq.algorithm.modes import Mode, check_upload, is_innovation, parse_mode
+from flq.algorithm.robust import norm
+from flq.algorithm.screening import ScreenOptions, screen_norms
 from flq.codec import EncodedTensor, decode
 
 
@@ -25,16 +32,24 @@ class _Entry:
     contribution: list[np.ndarray] | None = None  # None: nothing uploaded since join/reset
     version: int = 0  # +1 per applied upload, in step with the worker's reference
     weight_used: float = 0.0  # sum of the aggregation weights this worker has received
+    norm: float = 0.0  # ||Q_i||, kept for screening and for finding the culprit of a bad step
+    absent: int = 0  # rounds in a row without an offer from this worker
 
 
 class ContributionStore:
     def __init__(
-        self, shapes: Sequence[tuple[int, ...]], mode: Mode, b_up: int = 4, bbit_block: int = 0
+        self,
+        shapes: Sequence[tuple[int, ...]],
+        mode: Mode,
+        b_up: int = 4,
+        bbit_block: int = 0,
+        max_absent: int | None = None,  # None: counts however long its worker is gone
     ) -> None:
         self.shapes: Shapes = [tuple(int(d) for d in shape) for shape in shapes]
         self.mode = mode
         self.b_up = b_up
         self.bbit_block = bbit_block
+        self.max_absent = max_absent
         self._entries: dict[str, _Entry] = {}
 
     # ------------------------------------------------------------ queries
@@ -51,7 +66,21 @@ class ContributionStore:
 
     def contributors(self) -> list[str]:
         """Workers whose Q_i counts in the aggregate, sorted for a deterministic sum order."""
-        return sorted(w for w, e in self._entries.items() if e.contribution is not None)
+        return sorted(w for w, e in self._entries.items() if self._counts(e))
+
+    def norm(self, worker_id: str) -> float:
+        """||Q_i|| (0 without a contribution)."""
+        entry = self._entries.get(worker_id)
+        return 0.0 if entry is None or entry.contribution is None else entry.norm
+
+    def absent(self, worker_id: str) -> int:
+        entry = self._entries.get(worker_id)
+        return 0 if entry is None else entry.absent
+
+    def _counts(self, entry: _Entry) -> bool:
+        if entry.contribution is None:
+            return False
+        return self.max_absent is None or entry.absent <= self.max_absent
 
     def weight_used(self, worker_id: str) -> float:
         entry = self._entries.get(worker_id)
@@ -66,18 +95,66 @@ class ContributionStore:
         """Raise ValueError unless `encoded` is a well-formed upload for this mode and model."""
         check_upload(self.mode, self.b_up, encoded, self.shapes, self.bbit_block)
 
-    def apply_upload(self, worker_id: str, encoded: Sequence[EncodedTensor]) -> None:
-        """A granted upload arrived: move Q_i exactly as the worker moved Q_hat on commit."""
+    def candidate(self, worker_id: str, encoded: Sequence[EncodedTensor]) -> list[np.ndarray]:
+        """What Q_i would become with this upload (nothing changes); ValueError if the upload is
+        malformed or the result holds a NaN or infinity (an innovation can overflow Q_i)."""
         self.check(encoded)
         decoded = [decode(e, shape) for e, shape in zip(encoded, self.shapes, strict=True)]
         check_finite(decoded, f"upload from {worker_id}")
+        if not is_innovation(self.mode):
+            return decoded
+        stored = self.contribution(worker_id)
+        base = stored if stored is not None else zeros(self.shapes)
+        with np.errstate(over="ignore"):  # checked just below
+            moved = [q + d for q, d in zip(base, decoded, strict=True)]
+        check_finite(moved, f"contribution of {worker_id} after its upload")
+        return moved
+
+    def commit(self, worker_id: str, contribution: list[np.ndarray]) -> None:
+        """Adopt a candidate as Q_i: the worker moved its Q_hat the same way."""
         entry = self._entries.setdefault(worker_id, _Entry())
-        if is_innovation(self.mode):
-            base = entry.contribution if entry.contribution is not None else zeros(self.shapes)
-            entry.contribution = [q + d for q, d in zip(base, decoded, strict=True)]
-        else:
-            entry.contribution = decoded
+        entry.contribution = contribution
+        entry.norm = norm(contribution)
+        entry.absent = 0
         entry.version += 1
+
+    def apply_upload(self, worker_id: str, encoded: Sequence[EncodedTensor]) -> None:
+        """A granted upload arrived: move Q_i exactly as the worker moved Q_hat on commit."""
+        self.commit(worker_id, self.candidate(worker_id, encoded))
+
+    def apply_uploads(
+        self, uploads: Mapping[str, Sequence[EncodedTensor]], screen: ScreenOptions
+    ) -> dict[str, str]:
+        """Apply a round's uploads, refusing any that is malformed, not finite or fails the
+        screen (flq/algorithm/screening.py). A refused worker is reset: its reference moved on
+        its side, and nothing it stored is trusted any more. Returns the refused and why."""
+        refused: dict[str, str] = {}
+        candidates: dict[str, list[np.ndarray]] = {}
+        for worker_id in sorted(uploads):
+            try:
+                candidates[worker_id] = self.candidate(worker_id, uploads[worker_id])
+            except ValueError as error:
+                refused[worker_id] = str(error)
+        peers = {w: self.norm(w) for w in self.contributors() if w not in uploads}
+        norms = {w: norm(c) for w, c in candidates.items()}
+        refused.update(screen_norms(norms, peers, screen))
+        for worker_id in sorted(uploads):
+            if worker_id in refused:
+                self.reset(worker_id)
+            else:
+                self.commit(worker_id, candidates[worker_id])
+        return refused
+
+    def note_round(self, present: Collection[str]) -> list[str]:
+        """One more round: `present` workers (they offered) are back to 0 rounds absent, the
+        others one more. Returns the workers whose contribution stopped counting just now."""
+        expired = []
+        for worker_id, entry in sorted(self._entries.items()):
+            was_counting = self._counts(entry)
+            entry.absent = 0 if worker_id in present else entry.absent + 1
+            if was_counting and not self._counts(entry):
+                expired.append(worker_id)
+        return expired
 
     def reset(self, worker_id: str) -> None:
         """Both sides restart the worker's reference from zeros at version 0."""
@@ -105,6 +182,7 @@ class ContributionStore:
             "ids": ids,
             "versions": [e.version for e in entries],
             "weight_used": [e.weight_used for e in entries],
+            "absent": [e.absent for e in entries],
             "has_contribution": [e.contribution is not None for e in entries],
             # keyed by position: worker ids may hold characters checkpoint paths cannot
             "contributions": {
@@ -133,10 +211,16 @@ class ContributionStore:
             state["has_contribution"],
             strict=True,
         )
+        absent = list(state.get("absent", [0] * len(state["ids"])))  # older checkpoints: 0
         for index, (worker_id, version, used, has) in enumerate(rows):
             stored = contributions[str(index)] if has else None
+            contribution = None if stored is None else [np.array(a, np.float32) for a in stored]
+            if contribution is not None:
+                check_finite(contribution, f"checkpoint contribution of {worker_id}")
             self._entries[str(worker_id)] = _Entry(
-                contribution=None if stored is None else [np.array(a, np.float32) for a in stored],
+                contribution=contribution,
                 version=int(version),
                 weight_used=float(used),
+                norm=0.0 if contribution is None else norm(contribution),
+                absent=int(absent[index]),
             )

@@ -1,5 +1,10 @@
 """The master's algorithm state: global weights, stored contributions, server optimizer, downlink
-reference, the lazy scalar, and the round counter — and its checkpoint form."""
+reference, the lazy scalar, and the round counter — and its checkpoint form.
+
+Nothing non-finite gets in: uploads are screened as they are applied (`apply_uploads`), and a step
+is proposed, checked and only then committed (`step`). A proposal with a NaN or infinity drops the
+contribution that weighs most in it (weight x norm), resets that worker and tries again, so the
+global model, the optimizer state and every checkpoint stay finite whatever the workers send."""
 
 from __future__ import annotations
 
@@ -9,18 +14,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import structlog
 
 from flq.algorithm import (
     AggregateOptions,
     ContributionStore,
     DownlinkSender,
+    ScreenOptions,
     aggregate,
     make_server_optimizer,
     make_weighting,
     parse_mode,
 )
+from flq.algorithm._arrays import check_finite
 from flq.codec import EncodedTensor
 from flq.config import Config
+
+log = structlog.get_logger("flq.master")
+NON_FINITE_STEP = "non-finite step"
 
 
 @dataclass(frozen=True)
@@ -33,10 +44,12 @@ class AlgorithmSettings:
     server_lr: float = 1.0
     weighting: str = "samples"
     aggregate: AggregateOptions = field(default_factory=AggregateOptions)
+    screen: ScreenOptions = field(default_factory=ScreenOptions)
+    max_absent: int | None = None  # rounds a gone worker's contribution keeps counting
 
 
 def algorithm_settings_from(cfg: Config) -> AlgorithmSettings:
-    algo = cfg.flq_algorithm
+    algo, agg = cfg.flq_algorithm, cfg.aggregation
     return AlgorithmSettings(
         mode=algo.mode,
         b_up=algo.b_up,
@@ -49,7 +62,12 @@ def algorithm_settings_from(cfg: Config) -> AlgorithmSettings:
             clip_global=algo.clip_global,
             scale_by_selected=algo.scale_by_selected,
             sel_ref=algo.sel_ref,
+            rule=agg.rule,
+            trim=agg.trim,
+            clip_factor=agg.clip_factor,
         ),
+        screen=ScreenOptions(factor=agg.screen_factor),
+        max_absent=agg.max_absent_rounds,
     )
 
 
@@ -57,6 +75,7 @@ def algorithm_settings_from(cfg: Config) -> AlgorithmSettings:
 class StepResult:
     weights: dict[str, float]
     source: str
+    refused: dict[str, str] = field(default_factory=dict)  # worker -> why its Q_i was dropped
 
 
 @dataclass(frozen=True)
@@ -91,7 +110,11 @@ class MasterState:
         self.lazy_scalar = 0.0  # h, broadcast with the next round
         shapes = [tuple(w.shape) for w in self.weights]
         self.store = ContributionStore(
-            shapes, parse_mode(settings.mode), settings.b_up, settings.bbit_block
+            shapes,
+            parse_mode(settings.mode),
+            settings.b_up,
+            settings.bbit_block,
+            max_absent=settings.max_absent,
         )
         self.optimizer = make_server_optimizer(settings.server_optimizer, settings.server_lr)
         self.downlink = DownlinkSender(settings.b_down)
@@ -108,21 +131,46 @@ class MasterState:
         """ValueError unless the upload is what this mode sends for this model."""
         self.store.check(encoded)
 
+    def apply_uploads(self, uploads: Mapping[str, Sequence[EncodedTensor]]) -> dict[str, str]:
+        """Store this round's uploads; returns the refused ones (reset in the store) and why."""
+        refused = self.store.apply_uploads(uploads, self.settings.screen)
+        for worker_id, reason in sorted(refused.items()):
+            log.warning("upload refused: reference reset", worker=worker_id, reason=reason)
+        return refused
+
     def step(
         self,
         samples: Mapping[str, int],
         fresh: set[str],
         decision: WeightDecision | None = None,
     ) -> StepResult:
-        """Aggregate every stored contribution (fresh and stale) and move the global model, with
-        the decided weights when there is a decision, else by the configured rule."""
+        """Aggregate every counting contribution (fresh and stale) and move the global model, with
+        the decided weights when there is a decision, else by the configured rule. A step that
+        would not be finite is never taken (see the module docstring)."""
         weighting = self.weighting if decision is None else _Decided(decision)
-        result = aggregate(self.store, weighting, samples, fresh, self.settings.aggregate)
+        refused: dict[str, str] = {}
+        while True:
+            result = aggregate(self.store, weighting, samples, fresh, self.settings.aggregate)
+            if not result.contributors:
+                proposal = None
+                break
+            proposal = self.optimizer.propose(self.weights, result.delta)
+            if proposal.finite() and math.isfinite(result.lazy_scalar):
+                break
+            culprit = max(result.weights, key=lambda w: result.weights[w] * self.store.norm(w))
+            log.error(
+                "step would not be finite: contribution dropped, reference reset",
+                worker=culprit,
+                norm=self.store.norm(culprit),
+                weight=result.weights[culprit],
+            )
+            refused[culprit] = NON_FINITE_STEP
+            self.store.reset(culprit)
         self.store.record_weights(result.weights)
         self.lazy_scalar = result.lazy_scalar
-        if result.contributors:
-            self.weights = self.optimizer.step(self.weights, result.delta)
-        return StepResult(result.weights, weighting.name)
+        if proposal is not None:
+            self.weights = self.optimizer.commit(proposal)
+        return StepResult(result.weights, weighting.name, refused)
 
     # ------------------------------------------------------------ checkpoint
 
@@ -146,6 +194,7 @@ class MasterState:
         weights = [np.array(w, dtype=np.float32) for w in state["weights"]]
         if [w.shape for w in weights] != [w.shape for w in self.weights]:
             raise ValueError("checkpoint model shapes differ from the configured model")
+        check_finite(weights, "checkpoint global model")
         self.weights = weights
         self.round = int(state["round"])
         self.lazy_scalar = float(state["lazy_scalar"])

@@ -25,6 +25,7 @@ import grpc
 import structlog
 
 from flq.config import SecurityConfig
+from flq.serde import WireError, identifier
 
 log = structlog.get_logger("flq.security")
 
@@ -214,6 +215,11 @@ class Authenticator:
         self, metadata: Mapping[str, str], cert_names: Sequence[str] = ()
     ) -> AuthResult:
         claimed = metadata.get(WORKER_ID_HEADER) or None
+        if claimed is not None:
+            try:
+                identifier(claimed, WORKER_ID_HEADER)
+            except WireError as error:  # a credential we cannot read is no credential
+                return AuthResult(UNAUTHENTICATED, str(error))
         identity: str | None = None
         if self.tokens is not None:
             token = bearer_token(metadata)

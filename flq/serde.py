@@ -43,7 +43,8 @@ from flq.types import (
 PROTOCOL_VERSION = 1
 MAX_TENSOR_DIMS = 8
 MAX_SCALES = 4
-MAX_ID_LENGTH = 128
+MAX_ID_BYTES = 128  # worker ids, in UTF-8 bytes
+SHOWN_CHARS = 32  # how much of a refused value a log line or status may echo
 MAX_FEATURES = 32  # Hello.features entries
 MAX_FEATURE_NAME = 64
 SUPPORTED_DTYPES = frozenset({"float32"})
@@ -83,9 +84,22 @@ def _finite(value: float, name: str) -> float:
     return value
 
 
-def _identifier(value: str, name: str) -> str:
-    if not value or len(value) > MAX_ID_LENGTH or not value.isprintable():
-        raise WireError(f"{name}: got {value!r}, expected 1..{MAX_ID_LENGTH} printable characters")
+def shown(value: str) -> str:
+    """`value` as a log line or a status may echo it: whole when short, else its head and its
+    size, so a peer cannot write kilobytes into our logs with one field."""
+    if len(value) <= SHOWN_CHARS:
+        return repr(value)
+    size = len(value.encode("utf-8", "replace"))
+    return f"{value[:SHOWN_CHARS]!r}... ({size} bytes)"
+
+
+def identifier(value: str, name: str) -> str:
+    """A worker id as the wire may carry it; WireError names `name` otherwise."""
+    size = len(value.encode("utf-8", "replace"))
+    if not value or size > MAX_ID_BYTES or not value.isprintable():
+        raise WireError(
+            f"{name}: got {shown(value)}, expected 1..{MAX_ID_BYTES} bytes of printable text"
+        )
     return value
 
 
@@ -249,7 +263,7 @@ def _features(features: Mapping[str, float]) -> dict[str, float]:
 
 def hello_from_proto(msg: pb.Hello) -> Hello:
     return Hello(
-        worker_id=_identifier(msg.worker_id, "hello.worker_id"),
+        worker_id=identifier(msg.worker_id, "hello.worker_id"),
         protocol_version=msg.protocol_version,
         num_samples=msg.num_samples,
         device=device_info_from_proto(msg.device),

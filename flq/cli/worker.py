@@ -80,12 +80,17 @@ def run(
     from flq.cli.runtime import run_async, start
     from flq.config import ConfigError, load_config
     from flq.security import WORKER_TOKEN_ENV, client_token, load_client_tls
+    from flq.serde import WireError, identifier
     from flq.types import Location
     from flq.worker.daemon import WorkerDaemon, WorkerOptions
 
     host, _, port = master.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--master: got {master!r}, expected HOST:PORT (e.g. 10.0.0.5:50051)")
+    try:
+        identifier(worker_id, "--worker-id")  # the master would refuse it at every connect
+    except WireError as error:
+        raise ConfigError(str(error)) from None
     cfg = load_config(config)
     start(cfg, log_level, log_format)
     location = Location(latitude=latitude, longitude=longitude, site=site)

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 
 from flq import serde
 from flq.codec import EncodedTensor, group_chunks, split_tensors
@@ -30,6 +31,11 @@ from flq.security import Authenticator, AuthResult
 from flq.types import MasterMessage, ModelChunk, RoundStart, StatusReply
 
 log = structlog.get_logger("flq.master.servicer")
+# A refused Session is read until the caller pauses this long, at most REFUSAL_DRAIN_S, before
+# its status goes out (see _drain_briefly): long enough for a Hello in flight, too short for a
+# flood to hold the call.
+REFUSAL_PAUSE_S = 0.2
+REFUSAL_DRAIN_S = 1.0
 _sessions = itertools.count(1)
 
 
@@ -103,14 +109,16 @@ class GrpcWorkerLink:
         """The stream's only reader: parse, check structure, queue."""
         try:
             while True:
-                request = await self._context.read()
-                if request is grpc.aio.EOF:
-                    break
                 try:
+                    request = await self._context.read()
+                    if request is grpc.aio.EOF:
+                        break
                     message = serde.worker_message_from_proto(request)
-                except serde.WireError as error:
+                except (serde.WireError, DecodeError) as error:
+                    # DecodeError: grpc's aio server parses in read(); bytes that are no
+                    # WorkerMessage at all raise there.
                     self._control.count_rejected("malformed")
-                    await self.reject(ProtocolViolation("INVALID_ARGUMENT", str(error)))
+                    await self.reject(ProtocolViolation("INVALID_ARGUMENT", _malformed(error)))
                     break
                 claimed = getattr(message, "worker_id", None)
                 if self._identity is not None and claimed not in (None, self._identity):
@@ -162,6 +170,28 @@ class GrpcWorkerLink:
         await self._ended.wait()
 
 
+def _malformed(error: Exception) -> str:
+    if isinstance(error, DecodeError):
+        return "message: the bytes are not a WorkerMessage protobuf"
+    return str(error)
+
+
+async def _drain_briefly(context: grpc.aio.ServicerContext) -> None:
+    """Read (and drop) what a refused caller already sent, until it half-closes or pauses, for
+    at most REFUSAL_DRAIN_S. gRPC's Python client reports a write that races with the call's end
+    as INTERNAL and keeps that status instead of ours; a client that sends its Hello and then
+    listens has its write finished before we answer, so it reads the refusal we sent."""
+
+    async def drain() -> None:
+        while await asyncio.wait_for(context.read(), REFUSAL_PAUSE_S) is not grpc.aio.EOF:
+            pass
+
+    try:
+        await asyncio.wait_for(drain(), REFUSAL_DRAIN_S)
+    except (asyncio.TimeoutError, grpc.aio.AioRpcError):
+        pass
+
+
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return {
         key.lower(): value
@@ -189,6 +219,8 @@ class FLQServicer(pb_grpc.FLQServicer):
         log.warning(
             "call refused", rpc=rpc, peer=context.peer(), code=result.code, reason=result.reason
         )
+        if rpc == "Session":  # the only call whose requests stream in after the headers
+            await _drain_briefly(context)
         await context.abort(getattr(grpc.StatusCode, result.code), result.reason)
 
     async def _admin_only(self, context: grpc.aio.ServicerContext, rpc: str) -> None:

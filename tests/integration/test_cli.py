@@ -86,6 +86,18 @@ def test_daemons_refuse_bad_input_with_a_clear_message(tmp_path: Path) -> None:
         module="flq.cli.worker",
     )
     assert bad_master.returncode == 2 and "HOST:PORT" in bad_master.stderr
+    long_id = flq(
+        "run",
+        "--master",
+        "127.0.0.1:50051",
+        "--worker-id",
+        "w" * 200,
+        "--config",
+        str(EXAMPLES / "digits-bbit.toml"),
+        module="flq.cli.worker",
+    )
+    assert long_id.returncode == 2 and "--worker-id" in long_id.stderr, long_id.stderr
+    assert "200 bytes" in long_id.stderr and "w" * 100 not in long_id.stderr
 
 
 def test_help_is_fast_to_reach_and_lists_the_commands() -> None:

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from structlog.testing import capture_logs
 
 from flq import serde
 from flq.codec import decode
@@ -204,3 +205,52 @@ def test_a_second_connection_with_a_live_id_replaces_the_first(tmp_path: Path) -
         await asyncio.wait_for(master, 20)
 
     asyncio.run(scenario())
+
+
+def test_bytes_that_are_no_protobuf_are_refused_logged_and_counted(serving_master: Any) -> None:
+    loop, daemon = serving_master
+    before = loop.run_until_complete(_model(daemon.port))
+
+    async def send_garbage() -> tuple[grpc.StatusCode, str]:
+        async with await _channel(daemon.port) as channel:
+            raw = channel.stream_stream("/flq.v1.FLQ/Session", None, None)  # bytes as they are
+            call = raw()
+            await call.write(b"\xff\xfe\xfd not a protobuf \x00\x01")
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in call:
+                    pass
+            return refused.value.code(), refused.value.details() or ""
+
+    with capture_logs() as logs:
+        code, details = loop.run_until_complete(send_garbage())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert "not a WorkerMessage" in details
+    assert daemon.metrics.rejected_count("malformed") == 1
+    rejected = [e for e in logs if e["event"] == "session rejected"]
+    assert [e["code"] for e in rejected] == ["INVALID_ARGUMENT"]
+    after = loop.run_until_complete(_model(daemon.port))
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_overlong_worker_id_is_refused_without_being_echoed(serving_master: Any) -> None:
+    loop, daemon = serving_master
+    long_id = "w" + "x" * 4999
+
+    async def hello() -> tuple[grpc.StatusCode, str]:
+        async with await _channel(daemon.port) as channel:
+            call = pb_grpc.FLQStub(channel).Session()
+            await call.write(_hello(worker_id=long_id))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in call:
+                    pass
+            return refused.value.code(), refused.value.details() or ""
+
+    with capture_logs() as logs:
+        code, details = loop.run_until_complete(hello())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "5000 bytes" in details and "expected 1..128 bytes" in details
+    assert len(details) < 200
+    assert "x" * 100 not in repr(logs)
+    assert daemon.federation.registry.get(long_id) is None
+    assert daemon.metrics.rejected_count("malformed") == 1

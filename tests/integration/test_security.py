@@ -403,3 +403,79 @@ def test_admin_rpcs_need_the_admin_token(
 async def _drain(call: Any) -> None:
     async for _ in call:
         pass
+
+
+def _bad_token_attempt(stub: pb_grpc.FLQStub, token: str, extra: int) -> Any:
+    """A client that sends its Hello (and `extra` ~256 KB messages after it), then listens."""
+
+    async def attempt() -> grpc.StatusCode:
+        call = stub.Session(metadata=worker_metadata("w0", token))
+        hello = pb.Hello(worker_id="w0", protocol_version=serde.PROTOCOL_VERSION)
+        bulky = pb.Hello(worker_id="w0", device=pb.DeviceInfo(platform="p" * 256_000))
+        try:
+            await call.write(pb.WorkerMessage(hello=hello))
+            for _ in range(extra):
+                await call.write(pb.WorkerMessage(hello=bulky))
+            await call.done_writing()
+        except grpc.aio.AioRpcError:
+            pass  # the refusal arrived first; its status is read below
+        try:
+            async for _ in call:
+                pass
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+        return await call.code()
+
+    return attempt()
+
+
+def test_two_hundred_rapid_bad_token_attempts_are_all_unauthenticated(
+    secure_master: Any, certs: Path
+) -> None:
+    """gRPC's client turns a write racing with the refusal into INTERNAL; the master reads what
+    a refused caller already sent before answering, so every caller reads UNAUTHENTICATED."""
+    loop, daemon, _ = secure_master
+
+    async def attempts() -> list[grpc.StatusCode]:
+        creds = client_credentials(certs, "w0")
+        codes: list[grpc.StatusCode] = []
+        async with grpc.aio.secure_channel(
+            f"127.0.0.1:{daemon.port}", creds, CLIENT_OPTIONS
+        ) as channel:
+            stub = pb_grpc.FLQStub(channel)
+            for batch in range(40):
+                codes += await asyncio.gather(
+                    *(_bad_token_attempt(stub, f"bad-{batch}-{i}", extra=4) for i in range(5))
+                )
+        return codes
+
+    codes = loop.run_until_complete(attempts())
+    assert len(codes) == 200
+    assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}, sorted(c.name for c in codes)
+    assert daemon.metrics.rejected_count("unauthenticated") == 200
+
+
+def test_an_overlong_worker_id_header_is_refused_without_being_echoed(
+    secure_master: Any, certs: Path
+) -> None:
+    loop, daemon, logs = secure_master
+    long_id = "w" + "x" * 4999
+
+    async def attempt() -> grpc.aio.AioRpcError:
+        creds = client_credentials(certs, "w0")
+        async with grpc.aio.secure_channel(
+            f"127.0.0.1:{daemon.port}", creds, CLIENT_OPTIONS
+        ) as channel:
+            call = pb_grpc.FLQStub(channel).Session(
+                metadata=worker_metadata(long_id, worker_token(certs, "w0"))
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in call:
+                    pass
+            return refused.value
+
+    refused = loop.run_until_complete(attempt())
+    assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "5000 bytes" in (refused.details() or "")
+    assert "x" * 100 not in (refused.details() or "") and "x" * 100 not in repr(logs)
+    assert [r["code"] for r in refusals(logs)] == ["UNAUTHENTICATED"]

@@ -18,6 +18,7 @@ import structlog
 
 from flq.config import Config
 from flq.link import LinkClosed
+from flq.master.driver import RoundDriver, RoundFinished, StopRules
 from flq.master.federation import Federation, build_federation
 from flq.master.loop import RoundBookkeeper
 from flq.memlink import memory_link_pair
@@ -70,15 +71,11 @@ async def simulate_async(
     fed = federation or build_federation(cfg)
     workers = list(trainers) if trainers is not None else build_trainers(cfg)
     books = RoundBookkeeper(fed, run_dir, checkpoints=False)
+    rules = StopRules(max_rounds=cfg.system.max_rounds, target_accuracy=cfg.system.target_accuracy)
+    driver = RoundDriver(fed.engine, books, rules, on_finish=_row_callback(on_round))
     sessions = await _connect(fed, workers, cfg.system.seed)
     try:
-        while fed.state.round <= cfg.system.max_rounds:
-            outcome = await fed.engine.run_round()
-            row = await books.finish_round(outcome)
-            if on_round is not None:
-                on_round(row)
-            if 0 < cfg.system.target_accuracy <= books.last_accuracy:
-                break
+        await driver.run()
     finally:
         books.close()
         await _disconnect(fed, sessions)
@@ -92,6 +89,12 @@ async def simulate_async(
         wire_bytes=books.totals["wire_bytes"],
         run_dir=run_dir,
     )
+
+
+def _row_callback(on_round: RowCallback | None) -> RoundFinished | None:
+    if on_round is None:
+        return None
+    return lambda _outcome, row: on_round(row)
 
 
 async def _connect(

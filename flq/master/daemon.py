@@ -1,4 +1,7 @@
-"""The master daemon: gRPC server + health, the round loop, checkpoints, results, shutdown.
+"""The master daemon: signals, servers (gRPC + health, metrics) and the shutdown order.
+
+The rounds run in a `RoundDriver` (flq/master/driver.py), the servicer talks to a
+`ControlPlane` (flq/master/control.py); the daemon starts them and stops them.
 
 Shutdown runs in a fixed order with deadlines (STYLE.md #7): stop starting rounds, mark health
 NOT_SERVING, let the current round finish within its own deadline, write the final checkpoint and
@@ -8,32 +11,28 @@ results, tell the workers, stop the server with a grace period. A second signal 
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from flq import notify
-from flq.codec import EncodedTensor, encode_float32
 from flq.config import Config
 from flq.grpc_options import SERVER_OPTIONS
-from flq.link import LinkClosed, ProtocolViolation
-from flq.master.engine import RoundEngine
+from flq.master.control import ControlPlane
+from flq.master.driver import RoundDriver, StopRules
 from flq.master.federation import Federation, build_federation
 from flq.master.loop import RoundBookkeeper
-from flq.master.servicer import FLQServicer, GrpcWorkerLink
-from flq.metrics import MasterMetrics, MasterSources, MetricsServer
+from flq.master.outcome import RoundOutcome
+from flq.master.servicer import FLQServicer
+from flq.metrics import MetricsServer
 from flq.pb import flq_pb2_grpc as pb_grpc
 from flq.security import MasterSecurity, load_master_security, server_credentials
-from flq.types import ModelInfo, Shutdown, StatusReply, WorkerStatus
 
 log = structlog.get_logger("flq.master")
 SERVICE_NAME = "flq.v1.FLQ"
@@ -42,6 +41,8 @@ STOP_GRACE_S = 5.0
 
 @dataclass(frozen=True)
 class MasterOptions:
+    """How this master process runs (beside the Config): address, resume, where results go."""
+
     host: str | None = None  # default: from system.master_url
     port: int | None = None  # default: from system.master_url; 0 = pick a free port
     resume: bool = False
@@ -53,115 +54,34 @@ class MasterOptions:
 
 
 class MasterDaemon:
+    """One master process: builds the federation, serves gRPC/health/metrics, drives the rounds,
+    handles SIGINT/SIGTERM (a second one forces exit) and shuts down in order."""
+
     def __init__(self, cfg: Config, options: MasterOptions | None = None) -> None:
         self.cfg = cfg
         self.options = options or MasterOptions()
         self.run_dir = Path(self.options.run_dir or cfg.logging.result_dir)
-        self.federation: Federation | None = None
-        self.books: RoundBookkeeper | None = None
-        self.state_name = "starting"
-        self.stop_requested = asyncio.Event()
+        self.control = ControlPlane(cfg)
+        self.metrics = self.control.metrics
         self.forced = False
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._sessions: set[asyncio.Task[Any]] = set()
         self._started = time.time()
         self.ready = asyncio.Event()
         self._security: MasterSecurity | None = None
-        self.metrics = MasterMetrics(
-            MasterSources(self._connected_count, lambda: self.state_name),
-            up_budget_bits=cfg.budget_selection.up_budget_bits,
-        )
         self.metrics_server: MetricsServer | None = None
 
-    # ------------------------------------------------------------ MasterControl (servicer)
+    @property
+    def federation(self) -> Federation | None:
+        return self.control.federation
 
     @property
-    def engine(self) -> RoundEngine:
-        assert self.federation is not None, "federation not built yet"
-        return self.federation.engine
-
-    async def serve_session(self, link: GrpcWorkerLink) -> None:
-        if self.federation is None or self.stop_requested.is_set():
-            raise ProtocolViolation("UNAVAILABLE", "master is not accepting workers now")
-        record = await self.engine.accept(link)
-        try:
-            await link.wait_ended()
-        finally:
-            self.federation.registry.detach(link)
-            log.info("worker disconnected", worker=record.worker_id, session=link.session_id)
-
-    def status(self) -> StatusReply:
-        fed = self.federation
-        workers = (
-            ()
-            if fed is None
-            else tuple(
-                WorkerStatus(
-                    r.worker_id,
-                    r.connected,
-                    r.last_seen,
-                    r.num_samples,
-                    r.uplink_bits,
-                    r.uploads,
-                    r.skips,
-                    r.failures,
-                )
-                for r in fed.registry.all()
-            )
-        )
-        books = self.books
-        last = None if books is None else books.last_outcome
-        totals = {} if books is None else books.totals
-        return StatusReply(
-            round=0 if fed is None else fed.state.round - 1,
-            max_rounds=self.cfg.system.max_rounds,
-            state=self.state_name,
-            accuracy=math.nan if books is None else books.last_accuracy,
-            loss=math.nan if books is None else books.last_loss,
-            up_budget_bits=int(self.cfg.budget_selection.up_budget_bits),
-            last_round_uplink_bits=0 if last is None else last.uplink_bits,
-            total_uplink_bits=totals.get("uplink_bits", 0),
-            total_downlink_bits=totals.get("downlink_bits", 0),
-            workers=workers,
-            mode=self.cfg.flq_algorithm.mode,
-            model=self._model_info(),
-            aggregation_weights={} if last is None else dict(last.weights),
-            weights_source="" if last is None else last.weights_source,
-            llm_confidence=math.nan if last is None else last.llm_confidence,
-            llm_reasoning="" if last is None else last.llm_reasoning,
-        )
-
-    def _connected_count(self) -> int:
-        return 0 if self.federation is None else len(self.federation.registry.connected())
-
-    def _model_info(self) -> ModelInfo:
-        cfg, fed = self.cfg, self.federation
-        spec = None if fed is None else getattr(fed.evaluation, "spec", None)
-        return ModelInfo(
-            name=cfg.model.name,
-            dataset=cfg.dataset.name,
-            hidden_units=cfg.model.hidden_units,
-            input_shape=() if spec is None else tuple(spec.input_shape),
-            num_classes=0 if spec is None else spec.num_classes,
-            parameters=0 if fed is None else fed.parameters,
-        )
+    def state_name(self) -> str:
+        return self.control.state_name
 
     def request_stop(self, reason: str) -> int:
-        if not self.stop_requested.is_set():
-            log.info("stop requested", reason=reason)
-            self.stop_requested.set()
-        return 0 if self.federation is None else self.federation.state.round - 1
-
-    def global_model(self) -> tuple[int, list[EncodedTensor]]:
-        if self.federation is None:
-            raise ProtocolViolation("UNAVAILABLE", "no model yet")
-        state = self.federation.state
-        return state.round - 1, [encode_float32(w) for w in self.federation.model_weights()]
-
-    def count_rejected(self, reason: str) -> None:
-        self.metrics.count_rejected(reason)
+        return self.control.request_stop(reason)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -169,23 +89,55 @@ class MasterDaemon:
         self._install_signal_handlers()
         watchdog = notify.start_watchdog()  # systemd's WatchdogSec: pings from this loop
         self._security = load_master_security(self.cfg.security)  # bad files fail fast
-        self.federation = await asyncio.to_thread(self.options.federation_factory, self.cfg)
-        self.books = RoundBookkeeper(self.federation, self.run_dir, resume=self.options.resume)
+        federation = await asyncio.to_thread(self.options.federation_factory, self.cfg)
+        books = RoundBookkeeper(federation, self.run_dir, resume=self.options.resume)
+        self.control.attach(federation, books)
         await self._start_server()
+        driver = self._driver(federation, books)
         try:
-            await self._round_loop()
+            await driver.run()
         except asyncio.CancelledError:
             if not self.forced:
                 raise
             log.warning("forced exit: the current round is abandoned")
         finally:
+            self.control.state_name = "finished" if driver.finished else "stopping"
             await self._shutdown()
             await notify.stop_watchdog(watchdog)
+
+    def _driver(self, federation: Federation, books: RoundBookkeeper) -> RoundDriver:
+        system = self.cfg.system
+        rules = StopRules(
+            max_rounds=system.max_rounds,
+            target_accuracy=system.target_accuracy,
+            min_workers=system.min_workers,
+            connect_timeout_s=system.connect_timeout_s,
+        )
+        return RoundDriver(
+            federation.engine,
+            books,
+            rules,
+            stop=self.control.stop_requested,
+            on_start=self._round_starting,
+            on_finish=self._round_finished,
+        )
+
+    def _round_starting(self, round_id: int) -> None:
+        self.control.state_name = "training"
+
+    def _round_finished(self, outcome: RoundOutcome, row: object) -> None:
+        books = self.control.books
+        assert books is not None
+        self.metrics.observe_round(outcome, books.last_accuracy, books.last_loss)
+        notify.status(
+            f"round {outcome.round}/{self.cfg.system.max_rounds}, "
+            f"accuracy {books.last_accuracy:.4f}"
+        )
 
     async def _start_server(self) -> None:
         security = self._security or load_master_security(self.cfg.security)
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        pb_grpc.add_FLQServicer_to_server(FLQServicer(self, security.auth), server)
+        pb_grpc.add_FLQServicer_to_server(FLQServicer(self.control, security.auth), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         host = self.options.host or self.cfg.system.master_host
         port = self.cfg.system.master_port if self.options.port is None else self.options.port
@@ -198,8 +150,9 @@ class MasterDaemon:
         await server.start()
         self._server = server
         self._start_metrics()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        self.state_name = "waiting"
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.control.state_name = "waiting"
         log.info(
             "master listening",
             address=f"{host}:{self.port}",
@@ -222,106 +175,28 @@ class MasterDaemon:
             self.metrics_server.close()
             self.metrics_server = None
 
-    async def _set_health(self, status: int) -> None:
-        await self._health.set("", status)
-        await self._health.set(SERVICE_NAME, status)
-
-    async def _round_loop(self) -> None:
-        fed, books = self.federation, self.books
-        assert fed is not None and books is not None
-        system = self.cfg.system
-        while not self.stop_requested.is_set() and fed.state.round <= system.max_rounds:
-            if not await self._wait_for_workers():
-                break
-            self.state_name = "training"
-            outcome = await self.engine.run_round()
-            await books.finish_round(outcome)
-            self.metrics.observe_round(outcome, books.last_accuracy, books.last_loss)
-            notify.status(
-                f"round {outcome.round}/{system.max_rounds}, accuracy {books.last_accuracy:.4f}"
-            )
-            if 0 < system.target_accuracy <= books.last_accuracy:
-                log.info("target accuracy reached", accuracy=books.last_accuracy)
-                break
-        self.state_name = "finished" if fed.state.round > system.max_rounds else "stopping"
-
-    async def _wait_for_workers(self) -> bool:
-        assert self.federation is not None
-        needed = self.cfg.system.min_workers
-        while not self.stop_requested.is_set():
-            waiter = asyncio.create_task(
-                self.federation.registry.wait_for_workers(needed, self.cfg.system.connect_timeout_s)
-            )
-            stopper = asyncio.create_task(self.stop_requested.wait())
-            done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if waiter not in done:
-                waiter.cancel()
-                return False
-            if waiter.result():
-                return True
-            log.warning(
-                "still waiting for workers",
-                connected=len(self.federation.registry.connected()),
-                needed=needed,
-            )
-        return False
-
     async def _shutdown(self) -> None:
         notify.stopping()
-        if self.state_name != "finished":
-            self.state_name = "stopping"
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.books is not None:
-            self.books.save()
-            self.books.close()
-        self._write_summary()
-        if self.federation is not None:
-            await self.federation.aclose()
-        finished = self.state_name == "finished"
-        if self.federation is not None:
-            goodbye = Shutdown(
-                self.federation.state.round - 1,
-                "training finished" if finished else "master stopping",
-                reconnect=not finished,
-                reconnect_after_ms=2000,
-            )
-            for record in self.federation.registry.connected():
-                link = record.link
-                if link is None:
-                    continue
-                try:
-                    await asyncio.wait_for(link.send(goodbye), 2.0)
-                except (LinkClosed, asyncio.TimeoutError):
-                    pass
-                await link.close()
+        await self._health.enter_graceful_shutdown()  # NOT_SERVING, for good
+        control = self.control
+        if control.books is not None:
+            control.books.save()
+            control.books.close()
+            control.books.write_summary(control.state_name, time.time() - self._started)
+        if control.federation is not None:
+            await control.federation.aclose()
+        await control.dismiss_workers()
         if self._server is not None:
             await self._server.stop(0 if self.forced else STOP_GRACE_S)
         self._stop_metrics()
-        log.info("master stopped", state=self.state_name)
-
-    def _write_summary(self) -> None:
-        if self.federation is None or self.books is None:
-            return
-        summary = {
-            "rounds": self.federation.state.round - 1,
-            "state": self.state_name,
-            "accuracy": self.books.last_accuracy,
-            "loss": self.books.last_loss,
-            "parameters": self.federation.parameters,
-            **self.books.totals,
-            "mode": self.cfg.flq_algorithm.mode,
-            "seconds": time.time() - self._started,
-            **self.federation.size_summary(self.books.totals["uplink_bits"]),
-        }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.info("master stopped", state=control.state_name)
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         main_task = asyncio.current_task()
 
         def on_signal(signum: int) -> None:
-            if self.stop_requested.is_set():
+            if self.control.stop_requested.is_set():
                 log.warning("second signal: forcing exit", signal=signal.Signals(signum).name)
                 self.forced = True
                 if main_task is not None:

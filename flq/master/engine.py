@@ -129,7 +129,6 @@ class RoundEngine:
         leaves or breaks the protocol fails this round alone (`outcome.failed`).
         """
         round_id = self.state.round
-        structlog.contextvars.bind_contextvars(round=round_id)
         started = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + self.settings.round_timeout_s
         records = self.registry.connected()

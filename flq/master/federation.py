@@ -15,8 +15,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from flq.config import Config
-from flq.master.engine import EngineSettings, RoundEngine, RoundOutcome
+from flq.master.engine import EngineSettings, RoundEngine
 from flq.master.llm import LlmWeighting, compact_weights, one_line
+from flq.master.outcome import RoundOutcome
 from flq.master.registry import Registry
 from flq.master.state import MasterState, algorithm_settings_from
 from flq.types import RoundConfig
@@ -121,7 +122,6 @@ class Federation:
     registry: Registry
     engine: RoundEngine
     evaluation: ModelEvaluation
-    cum_uplink_bits: int = 0
 
     @property
     def parameters(self) -> int:
@@ -165,8 +165,10 @@ class Federation:
         if close is not None:
             await close()
 
-    def results_row(self, outcome: RoundOutcome, accuracy: float, loss: float) -> dict[str, Any]:
-        self.cum_uplink_bits += outcome.uplink_bits
+    def results_row(
+        self, outcome: RoundOutcome, accuracy: float, loss: float, *, cum_uplink_bits: int
+    ) -> dict[str, Any]:
+        """One rounds.csv row; `cum_uplink_bits` is the run's total including this round."""
         return {
             "round": outcome.round,
             "accuracy": _fmt(accuracy),
@@ -183,7 +185,7 @@ class Federation:
             "participants": len(outcome.participants),
             "train_loss": _fmt(outcome.train_loss),
             "lazy_scalar": f"{outcome.lazy_scalar:.6g}",
-            "cum_uplink_bits": self.cum_uplink_bits,
+            "cum_uplink_bits": cum_uplink_bits,
             "weights_source": outcome.weights_source,
             "failures": ";".join(f"{w}:{why}" for w, why in sorted(outcome.failed.items())),
             "weights_used": compact_weights(outcome.weights),

@@ -1,9 +1,10 @@
 """What happens after each round, for the daemon and the simulator alike: evaluate, checkpoint,
-write the results row, log one line."""
+write the results row, log one line; and the run's totals and closing summary."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,8 @@ from typing import Any
 import structlog
 
 from flq.master.checkpoint import load_checkpoint, save_checkpoint
-from flq.master.engine import RoundOutcome
 from flq.master.federation import Federation
+from flq.master.outcome import RoundOutcome
 from flq.master.results import ResultsWriter
 
 log = structlog.get_logger("flq.master")
@@ -20,6 +21,9 @@ TOTAL_KEYS = ("uplink_bits", "downlink_bits", "wire_bytes")
 
 
 class RoundBookkeeper:
+    """Keeps the run's records: running totals, the last accuracy and loss, the checkpoint,
+    rounds.csv and summary.json. `finish_round` is called once per round, after the engine."""
+
     def __init__(
         self,
         federation: Federation,
@@ -45,7 +49,6 @@ class RoundBookkeeper:
         saved = load_checkpoint(self.checkpoint_path)
         self.federation.state.load_state(saved["master"])
         self.totals.update({k: int(v) for k, v in saved.get("totals", {}).items()})
-        self.federation.cum_uplink_bits = self.totals["uplink_bits"]
         self.last_accuracy = float(saved.get("accuracy", math.nan))
         self.last_loss = float(saved.get("loss", math.nan))
         log.info(
@@ -64,7 +67,9 @@ class RoundBookkeeper:
             self.totals[key] += getattr(outcome, key)
         self.last_outcome = outcome
         self.save()
-        row = fed.results_row(outcome, self.last_accuracy, self.last_loss)
+        row = fed.results_row(
+            outcome, self.last_accuracy, self.last_loss, cum_uplink_bits=self.totals["uplink_bits"]
+        )
         self.results.write(row)
         log.info(
             "round",
@@ -78,7 +83,6 @@ class RoundBookkeeper:
             wire_bytes=row["wire_bytes"],
             seconds=row["seconds"],
         )
-        structlog.contextvars.unbind_contextvars("round")
         return row
 
     def save(self) -> None:
@@ -93,6 +97,22 @@ class RoundBookkeeper:
                 "loss": self.last_loss,
             },
         )
+
+    def write_summary(self, state: str, seconds: float) -> None:
+        """summary.json: the run's totals and sizes, written once at the end."""
+        fed = self.federation
+        summary = {
+            "rounds": fed.state.round - 1,
+            "state": state,
+            "accuracy": self.last_accuracy,
+            "loss": self.last_loss,
+            "parameters": fed.parameters,
+            **self.totals,
+            "mode": fed.cfg.flq_algorithm.mode,
+            "seconds": seconds,
+            **fed.size_summary(self.totals["uplink_bits"]),
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def close(self) -> None:
         self.results.close()

@@ -181,7 +181,7 @@ def test_health_and_admin_rpcs(serving_master: Any) -> None:
             assert stop.accepted
 
     loop.run_until_complete(check())
-    assert daemon.stop_requested.is_set()
+    assert daemon.control.stop_requested.is_set()
 
 
 def test_a_second_connection_with_a_live_id_replaces_the_first(tmp_path: Path) -> None:

@@ -188,7 +188,7 @@ def test_a_lora_federation_over_grpc_sends_only_adapters_and_learns(tmp_path: Pa
     assert received and all(shapes == ADAPTER_SHAPES for shapes in received)
     assert daemon.federation is not None
     assert [w.shape for w in daemon.federation.state.weights] == ADAPTER_SHAPES
-    _, served = daemon.global_model()  # GetGlobalModel: the plain model, adapters merged in
+    _, served = daemon.control.global_model()  # GetGlobalModel: the plain model, adapters merged in
     assert [e.shape for e in served] == [(64, HIDDEN), (HIDDEN,), (HIDDEN, 10), (10,)]
     for before, after in zip(base, frozen_weights(trainers[0].trainer.model), strict=True):
         np.testing.assert_array_equal(before, after)  # the base never moved on the worker

@@ -391,7 +391,7 @@ def test_admin_rpcs_need_the_admin_token(
 
     codes = loop.run_until_complete(attempts())
     assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 3
-    assert not daemon.stop_requested.is_set()  # the refused Stop did nothing
+    assert not daemon.control.stop_requested.is_set()  # the refused Stop did nothing
     after = loop.run_until_complete(pull_model(daemon.port, creds, admin_token(certs)))
     assert_same_model(before, after)
     refused = refusals(logs)

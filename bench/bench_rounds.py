@@ -375,11 +375,9 @@ def use_baseline_master() -> None:
     import flq.master.checkpoint as checkpoint
     import flq.master.loop as loop
     import flq.master.servicer as servicer
-    from flq import serde
 
-    class PassThrough:
-        def get(self, message: Any) -> Any:
-            return serde.master_message_to_proto(message)
+    async def send_payload_per_worker(self: Any, payload: Any) -> int:
+        return int(await self._write([servicer._wire_form(m) for m in payload.messages]))
 
     def save_via_bytesio(path: Any, state: dict[str, Any]) -> None:
         target = Path(path)
@@ -396,7 +394,7 @@ def use_baseline_master() -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
 
-    servicer._round_start_protos = PassThrough()  # type: ignore[assignment]
+    servicer.GrpcWorkerLink.send_payload = send_payload_per_worker  # type: ignore[method-assign]
     loop.save_checkpoint = save_via_bytesio  # type: ignore[assignment]
 
 

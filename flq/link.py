@@ -9,10 +9,13 @@ message takes on the wire, so byte accounting is identical over both transports.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Literal, Protocol, TypeVar
 
-from flq.types import MasterMessage, WorkerMessage
+from flq.types import MasterMessage, RoundStart, WorkerMessage
+
+T = TypeVar("T")
 
 
 class LinkClosed(Exception):
@@ -46,6 +49,39 @@ class ReceivedByWorker:
     wire_bytes: int
 
 
+@dataclass(frozen=True, eq=False)
+class DownlinkPayload:
+    """One encoding of a round's model (the b_down delta, or the float32 keyframe) as the
+    RoundStart messages that carry it. Every worker that needs this encoding is sent these same
+    messages, so a transport converts or measures them once per round (`PayloadCache`)."""
+
+    round: int
+    kind: Literal["delta", "keyframe"]
+    version: int  # the downlink reference version a worker holds once it applied the payload
+    messages: tuple[RoundStart, ...]
+    bits: int  # cost of the encoded tensors (packed bits + headers)
+
+
+class PayloadCache(Generic[T]):
+    """A transport's wire form of each message of a round's payloads, built on first use and
+    kept for that round only. One per transport instance (a gRPC server, a simulation), shared
+    by its links, so that every worker of a round reuses the first one's conversion."""
+
+    def __init__(self, build: Callable[[RoundStart], T]) -> None:
+        self._build = build
+        self._round = -1
+        self._forms: dict[tuple[str, int], list[T]] = {}
+
+    def get(self, payload: DownlinkPayload) -> list[T]:
+        if payload.round != self._round:
+            self._round, self._forms = payload.round, {}
+        key = (payload.kind, payload.version)
+        forms = self._forms.get(key)
+        if forms is None:
+            forms = self._forms[key] = [self._build(m) for m in payload.messages]
+        return forms
+
+
 class WorkerLink(Protocol):
     """The master's end of one worker's session."""
 
@@ -57,6 +93,10 @@ class WorkerLink(Protocol):
 
     async def send(self, message: MasterMessage) -> int:
         """Send one message; returns its size on the wire. Raises LinkClosed."""
+        ...
+
+    async def send_payload(self, payload: DownlinkPayload) -> int:
+        """Send a round's downlink messages; returns their size on the wire. Raises LinkClosed."""
         ...
 
     async def recv(self) -> Received:

@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from flq import serde
-from flq.link import LinkClosed, ProtocolViolation, Received, ReceivedByWorker
+from flq.link import (
+    DownlinkPayload,
+    LinkClosed,
+    PayloadCache,
+    ProtocolViolation,
+    Received,
+    ReceivedByWorker,
+)
 from flq.types import MasterMessage, WorkerMessage
 
 T = TypeVar("T")
@@ -54,9 +61,14 @@ class MemoryWorkerLink:
     """The master's end."""
 
     def __init__(
-        self, worker_id: str, to_worker: _Pipe[MasterMessage], to_master: _Pipe[WorkerMessage]
+        self,
+        worker_id: str,
+        to_worker: _Pipe[MasterMessage],
+        to_master: _Pipe[WorkerMessage],
+        round_start_sizes: PayloadCache[int],
     ) -> None:
         self._worker_id = worker_id
+        self._round_start_sizes = round_start_sizes
         self._session_id = f"mem-{next(_session_numbers)}"
         self._to_worker = to_worker
         self._to_master = to_master
@@ -71,9 +83,15 @@ class MemoryWorkerLink:
         return self._session_id
 
     async def send(self, message: MasterMessage) -> int:
-        size = serde.master_message_to_proto(message).ByteSize()
+        size = wire_size(message)
         self._to_worker.put(message, size)
         return size
+
+    async def send_payload(self, payload: DownlinkPayload) -> int:
+        sizes = self._round_start_sizes.get(payload)
+        for message, size in zip(payload.messages, sizes, strict=True):
+            self._to_worker.put(message, size)
+        return sum(sizes)
 
     async def recv(self) -> Received:
         item, size = await self._to_master.get()
@@ -110,10 +128,20 @@ class MemoryMasterLink:
         self._to_worker.close()
 
 
-def memory_link_pair(worker_id: str) -> tuple[MemoryWorkerLink, MemoryMasterLink]:
+def wire_size(message: MasterMessage) -> int:
+    """The bytes `message` takes on the wire (what the gRPC transport would send)."""
+    return serde.master_message_to_proto(message).ByteSize()
+
+
+def memory_link_pair(
+    worker_id: str, round_start_sizes: PayloadCache[int] | None = None
+) -> tuple[MemoryWorkerLink, MemoryMasterLink]:
+    """Both ends of one in-memory session. Pass the links of one simulation the same
+    `round_start_sizes` so that a round's payload is measured once, not once per worker."""
     to_worker: _Pipe[MasterMessage] = _Pipe()
     to_master: _Pipe[WorkerMessage] = _Pipe()
+    sizes = round_start_sizes if round_start_sizes is not None else PayloadCache(wire_size)
     return (
-        MemoryWorkerLink(worker_id, to_worker, to_master),
+        MemoryWorkerLink(worker_id, to_worker, to_master, sizes),
         MemoryMasterLink(to_worker, to_master),
     )

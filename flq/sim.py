@@ -17,11 +17,11 @@ from typing import Any
 import structlog
 
 from flq.config import Config
-from flq.link import LinkClosed
+from flq.link import LinkClosed, PayloadCache
 from flq.master.driver import RoundDriver, RoundFinished, StopRules
 from flq.master.federation import Federation, build_federation
 from flq.master.loop import RoundBookkeeper
-from flq.memlink import memory_link_pair
+from flq.memlink import memory_link_pair, wire_size
 from flq.types import Shutdown
 from flq.worker.session import SessionOptions, Trainer, WorkerState, run_session
 
@@ -103,9 +103,10 @@ async def _connect(
     # Heartbeats exist for real links that must stay warm; in memory they are noise.
     options = SessionOptions(heartbeat_interval_s=math.inf)
     sessions = []
+    round_start_sizes = PayloadCache(wire_size)  # each round's payload measured once
     for index, trainer in enumerate(trainers):
         worker_id = f"w{index}"
-        master_end, worker_end = memory_link_pair(worker_id)
+        master_end, worker_end = memory_link_pair(worker_id, round_start_sizes)
         state = WorkerState(worker_id, seed=seed)
         sessions.append(asyncio.create_task(run_session(state, trainer, worker_end, options)))
         await fed.engine.accept(master_end)

@@ -18,11 +18,12 @@ import numpy as np
 import structlog
 
 from flq.algorithm import Offer, normalise, select_uploads
-from flq.codec import CodecError, EncodedTensor, Reassembler, group_chunks, split_tensors
+from flq.codec import CodecError, EncodedTensor, Reassembler
 from flq.link import LinkClosed, ProtocolViolation, WorkerLink
 from flq.master.handshake import check_hello, reconcile_references, welcome_for
 from flq.master.llm import WeightAdvisor, advise_within, facts_for
 from flq.master.outcome import RoundOutcome
+from flq.master.prepared import PreparedRound
 from flq.master.registry import Registry, WorkerRecord
 from flq.master.state import MasterState, WeightDecision
 from flq.types import (
@@ -31,7 +32,6 @@ from flq.types import (
     Heartbeat,
     ResetReference,
     RoundConfig,
-    RoundStart,
     Shutdown,
     Skip,
     UpdateChunk,
@@ -79,9 +79,6 @@ class RoundEngine:
         self.registry = registry
         self.settings = settings
         self.advisor = advisor  # proposes each round's aggregation weights (weighting = "llm")
-        # This round's RoundStart messages per payload, built once and sent to every worker
-        # holding the same reference: (the round's downlink, {id(payload): (payload, parts)}).
-        self._round_parts: tuple[object, dict[int, tuple[object, list[RoundStart]]]] = (None, {})
 
     # ------------------------------------------------------------ sessions
 
@@ -134,9 +131,14 @@ class RoundEngine:
         records = self.registry.connected()
         outcome = RoundOutcome(round=round_id, participants=[r.worker_id for r in records])
 
-        downlink = self.state.downlink.prepare(self.state.weights)
+        prepared = PreparedRound(
+            round_id,
+            self.state.downlink.prepare(self.state.weights),
+            self.settings.round_config,
+            self.state.lazy_scalar,
+        )
         sent = await self._each(
-            records, lambda r: self._send_round_start(r, downlink, outcome), deadline, outcome
+            records, lambda r: self._send_round_start(r, prepared, outcome), deadline, outcome
         )
         offers = await self._each(
             sent, lambda r: self._recv_offer(r, round_id, outcome), deadline, outcome
@@ -224,42 +226,16 @@ class RoundEngine:
         outcome.wire_bytes += await link.send(message)  # type: ignore[arg-type]
 
     async def _send_round_start(
-        self, record: WorkerRecord, downlink: object, outcome: RoundOutcome
+        self, record: WorkerRecord, prepared: PreparedRound, outcome: RoundOutcome
     ) -> None:
-        encoded, _ = downlink.payload_for(record.download_version)  # type: ignore[attr-defined]
-        for message in self._round_start_parts(downlink, encoded):
-            await self._send(record, message, outcome)
-        outcome.downlink_bits += sum(e.cost_bits() for e in encoded)
-        record.download_version = downlink.version  # type: ignore[attr-defined]
-
-    def _round_start_parts(
-        self, downlink: object, encoded: list[EncodedTensor]
-    ) -> list[RoundStart]:
-        """The RoundStart messages that carry `encoded`, built once per round and payload: every
-        worker that holds the same reference gets the very same objects, so a link converts and
-        serializes them once per round rather than once per worker (GrpcWorkerLink caches)."""
-        current, by_payload = self._round_parts
-        if current is not downlink:
-            by_payload = {}
-            self._round_parts = (downlink, by_payload)
-        cached = by_payload.get(id(encoded))
-        if cached is not None and cached[0] is encoded:
-            return cached[1]
-        groups = group_chunks(split_tensors(encoded))
-        parts = [
-            RoundStart(
-                round=self.state.round,
-                config=self.settings.round_config,
-                lazy_scalar=self.state.lazy_scalar,
-                download_ref_version=downlink.version,  # type: ignore[attr-defined]
-                part=part,
-                parts=len(groups),
-                tensors=tuple(group),
-            )
-            for part, group in enumerate(groups)
-        ]
-        by_payload[id(encoded)] = (encoded, parts)
-        return parts
+        link = record.link
+        if link is None:
+            raise LinkClosed("not connected")
+        payload = prepared.payload_for(record.download_version)
+        sent_bytes = await link.send_payload(payload)  # awaited first: no lost update
+        outcome.wire_bytes += sent_bytes
+        outcome.downlink_bits += payload.bits
+        record.download_version = payload.version
 
     async def _next(
         self, record: WorkerRecord, round_id: int, outcome: RoundOutcome, expected: tuple[type, ...]

@@ -24,11 +24,11 @@ from google.protobuf.message import DecodeError
 
 from flq import serde
 from flq.codec import EncodedTensor, group_chunks, split_tensors
-from flq.link import LinkClosed, ProtocolViolation, Received
+from flq.link import DownlinkPayload, LinkClosed, PayloadCache, ProtocolViolation, Received
 from flq.pb import flq_pb2 as pb
 from flq.pb import flq_pb2_grpc as pb_grpc
 from flq.security import Authenticator, AuthResult
-from flq.types import MasterMessage, ModelChunk, RoundStart, StatusReply
+from flq.types import MasterMessage, ModelChunk, StatusReply
 
 log = structlog.get_logger("flq.master.servicer")
 # A refused Session is read until the caller pauses this long, at most REFUSAL_DRAIN_S, before
@@ -39,28 +39,13 @@ REFUSAL_DRAIN_S = 1.0
 _sessions = itertools.count(1)
 
 
-class _RoundStartProtos:
-    """Protobuf forms of the current round's RoundStart parts. The engine sends the same part
-    objects to every in-sync worker, so converting each once (not once per worker) saves a copy
-    of the model per worker per round. Keyed by identity (the entry keeps the message alive, so
-    an id is never reused while cached); a new round drops the last one's entries."""
-
-    def __init__(self) -> None:
-        self._round = -1
-        self._protos: dict[int, tuple[RoundStart, pb.MasterMessage]] = {}
-
-    def get(self, message: RoundStart) -> pb.MasterMessage:
-        if message.round != self._round:
-            self._round, self._protos = message.round, {}
-        hit = self._protos.get(id(message))
-        if hit is not None and hit[0] is message:
-            return hit[1]
-        proto = serde.master_message_to_proto(message)
-        self._protos[id(message)] = (message, proto)
-        return proto
+# A RoundStart's protobuf form and its size on the wire.
+WireForm = tuple[pb.MasterMessage, int]
 
 
-_round_start_protos = _RoundStartProtos()
+def _wire_form(message: MasterMessage) -> WireForm:
+    proto = serde.master_message_to_proto(message)
+    return proto, proto.ByteSize()
 
 
 class MasterControl(Protocol):
@@ -85,9 +70,12 @@ class GrpcWorkerLink:
         context: grpc.aio.ServicerContext,
         control: MasterControl,
         identity: str | None = None,
+        round_starts: PayloadCache[WireForm] | None = None,
     ) -> None:
         self._context = context
         self._control = control
+        # Shared by the server's links: a round's payload is converted once for all workers.
+        self._round_starts = round_starts or PayloadCache(_wire_form)
         self._session_id = f"s{next(_sessions)}"
         self._identity = identity  # the worker id the call authenticated as, if any
         self._worker_id = identity or ""
@@ -136,20 +124,22 @@ class GrpcWorkerLink:
             self._ended.set()
 
     async def send(self, message: MasterMessage) -> int:
+        return await self._write([_wire_form(message)])
+
+    async def send_payload(self, payload: DownlinkPayload) -> int:
+        return await self._write(self._round_starts.get(payload))
+
+    async def _write(self, forms: list[WireForm]) -> int:
         if self._ended.is_set():
             raise LinkClosed(f"session {self._session_id} ended")
-        proto = (
-            _round_start_protos.get(message)
-            if isinstance(message, RoundStart)
-            else serde.master_message_to_proto(message)
-        )
         try:
-            async with self._write_lock:
-                await self._context.write(proto)
+            async with self._write_lock:  # a payload's parts go out back to back
+                for proto, _ in forms:
+                    await self._context.write(proto)
         except Exception as error:  # grpc raises several types once the peer is gone
             self._ended.set()
             raise LinkClosed(f"session {self._session_id}: write failed: {error}") from error
-        return proto.ByteSize()
+        return sum(size for _, size in forms)
 
     async def recv(self) -> Received:
         item = await self._inbox.get()
@@ -210,6 +200,8 @@ class FLQServicer(pb_grpc.FLQServicer):
     def __init__(self, control: MasterControl, auth: Authenticator | None = None) -> None:
         self._control = control
         self._auth = auth or Authenticator()
+        # One cache for the server: every session of a round shares the payloads' conversion.
+        self._round_starts: PayloadCache[WireForm] = PayloadCache(_wire_form)
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext, rpc: str, result: AuthResult
@@ -237,7 +229,7 @@ class FLQServicer(pb_grpc.FLQServicer):
         if not auth.ok:
             await self._refuse(context, "Session", auth)  # raises: the call ends here
             return
-        link = GrpcWorkerLink(context, self._control, auth.worker_id)
+        link = GrpcWorkerLink(context, self._control, auth.worker_id, self._round_starts)
         reader = asyncio.create_task(link.read_loop())
         try:
             await self._control.serve_session(link)

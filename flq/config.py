@@ -32,7 +32,7 @@ DatasetName = Literal["digits", "fashion-mnist", "mnist", "npz", "synthetic"]
 Partition = Literal["iid", "dirichlet", "shards"]
 ModelName = Literal["logreg", "mlp", "cnn"]
 ClientOptimizer = Literal["sgd", "adam"]
-Mode = Literal["fedavg", "laq8", "bbit", "bin"]
+Mode = Literal["fedavg", "laq8", "bbit", "bin", "stc"]
 ServerOptimizer = Literal["avg", "sgd", "adam", "yogi", "adagrad"]
 Weighting = Literal["samples", "uniform", "llm"]
 AggregationRule = Literal["mean", "trimmed_mean", "median", "norm_clipped"]
@@ -275,7 +275,8 @@ class AlgorithmConfig:
         default="bbit",
         metadata=rule(
             "Uplink scheme: fedavg (float32), laq8 (8-bit stochastic), bbit (b_up-bit innovation), "
-            "bin (1-bit sign innovation).",
+            "bin (1-bit sign innovation), stc (sparse ternary: the top `density` of the update "
+            "plus residual as +-mu, Golomb-coded positions; Sattler et al. 2019).",
             original=True,
         ),
     )
@@ -328,8 +329,26 @@ class AlgorithmConfig:
     error_feedback: bool = field(
         default=True,
         metadata=rule(
-            "Add each worker's quantization residual to its next update (raw modes only: laq8; "
-            "bbit and bin carry it in their reference)."
+            "Add each worker's quantization residual to its next update (raw modes only: laq8, "
+            "stc; bbit and bin carry it in their reference)."
+        ),
+    )
+    density: float = field(
+        default=0.01,
+        metadata=rule(
+            "stc: fraction p of the update's values each upload keeps (top-k over the whole "
+            "model, sent as +-mu).",
+            above=0,
+            maximum=1,
+        ),
+    )
+    down_density: float = field(
+        default=0.0,
+        metadata=rule(
+            "Downlink: 0 = b_down-bit deltas; p > 0 = sparse ternary deltas keeping the top p of "
+            "(global model - what workers hold), the rest carried to the next round.",
+            minimum=0,
+            maximum=1,
         ),
     )
     server_optimizer: ServerOptimizer = field(

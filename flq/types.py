@@ -79,6 +79,7 @@ class RoundConfig:
     deadline_ms: int = 60_000
     optimizer: str = "sgd"
     bbit_block: int = 0  # bbit: 0 = LAQ grid per tensor, N = block grid with N values per radius
+    density: float = 0.01  # stc: fraction of the update's values each upload keeps
 
 
 # ---------------------------------------------------------------- worker -> master

@@ -1,6 +1,7 @@
 """One round's aggregate: the weighted mean of every stored contribution, fresh or stale.
 
     A = sum_i w_i Q_i      over workers with a counting contribution, sum_i w_i = 1
+                           (in stc mode: over this round's uploads only)
 
 or, with `rule` other than "mean", a robust combination of the same Q_i and w_i
 (flq/algorithm/robust.py); then, optionally:
@@ -129,7 +130,7 @@ def aggregate(
     options: AggregateOptions = AggregateOptions(),
 ) -> AggregateResult:
     """The round's aggregate. Pure: the caller records `weights` (store.record_weights)."""
-    contributors = store.contributors()
+    contributors = store.contributors(fresh)
     if not contributors:
         return AggregateResult(zeros(store.shapes), {}, 0.0, 1.0, 0, 0)
     proposed = weighting.weights(contributors, samples)

@@ -6,18 +6,24 @@
   DESIGN formula) or, with `bbit_block` = N > 0, on the block grid (0 on the grid, one radius per
   N values; flq/codec/blockgrid.py).
 - `bin`: the sign of the innovation, one shared magnitude (1 bit per value).
+- `stc`: sparse ternary compression (Sattler et al.): the top `density` fraction of the update
+  plus the worker's residual, as +-mu at Golomb-coded positions (flq/algorithm/stc.py). A
+  contribution counts only in the round it arrives: no stale reuse.
 
 Innovation modes (bbit, bin) quantize against the last acknowledged upload Q_hat, which already
-carries the quantization error forward; raw modes (fedavg, laq8) quantize the update itself.
+carries the quantization error forward; raw modes (fedavg, laq8, stc) quantize the update itself,
+laq8 and stc with the residual of what earlier uploads left out added (error feedback).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal, TypeAlias, get_args
 
 import numpy as np
 
+from flq.algorithm.stc import kept_count, sparsify
 from flq.codec import (
     Codec,
     EncodedTensor,
@@ -27,8 +33,9 @@ from flq.codec import (
     encode_sign,
     encode_stochastic,
 )
+from flq.codec.sparse import keep_count
 
-Mode: TypeAlias = Literal["fedavg", "laq8", "bbit", "bin"]
+Mode: TypeAlias = Literal["fedavg", "laq8", "bbit", "bin", "stc"]
 MODES: tuple[Mode, ...] = get_args(Mode)
 
 _LAQ8_BITS = 8
@@ -37,6 +44,7 @@ _CODEC_OF: dict[Mode, Codec] = {
     "laq8": Codec.STOCHASTIC,
     "bbit": Codec.LAQ_GRID,
     "bin": Codec.SIGN,
+    "stc": Codec.SPARSE_TERNARY,
 }
 
 
@@ -53,6 +61,11 @@ def is_innovation(mode: Mode) -> bool:
     return mode in ("bbit", "bin")
 
 
+def reuses_stale(mode: Mode) -> bool:
+    """True where a worker's last contribution keeps counting in rounds it does not upload."""
+    return mode != "stc"
+
+
 def upload_codec(mode: Mode, bbit_block: int = 0) -> Codec:
     if mode == "bbit" and bbit_block > 0:
         return Codec.BLOCK_GRID
@@ -60,8 +73,8 @@ def upload_codec(mode: Mode, bbit_block: int = 0) -> Codec:
 
 
 def bits_per_value(mode: Mode, b_up: int) -> int:
-    """Payload bits per parameter (headers not included)."""
-    return {"fedavg": 32, "laq8": _LAQ8_BITS, "bbit": b_up, "bin": 1}[mode]
+    """Payload bits per parameter (headers not included); stc's vary with its positions."""
+    return {"fedavg": 32, "laq8": _LAQ8_BITS, "bbit": b_up, "bin": 1, "stc": 0}[mode]
 
 
 def encode_upload(
@@ -85,12 +98,29 @@ def encode_upload(
     return encode_sign(values)
 
 
+def encode_update(
+    mode: Mode,
+    values: Sequence[np.ndarray],
+    b_up: int,
+    rng: np.random.Generator,
+    stochastic_rounding: bool = False,
+    bbit_block: int = 0,
+    density: float = 0.01,
+) -> list[EncodedTensor]:
+    """Encode a whole update: stc picks its top values over all tensors together, the other
+    modes encode each tensor on its own."""
+    if mode == "stc":
+        return sparsify(values, density)
+    return [encode_upload(mode, v, b_up, rng, stochastic_rounding, bbit_block) for v in values]
+
+
 def check_upload(
     mode: Mode,
     b_up: int,
     encoded: Sequence[EncodedTensor],
     shapes: Sequence[tuple[int, ...]],
     bbit_block: int = 0,
+    density: float = 1.0,
 ) -> None:
     """Raise ValueError unless `encoded` is what a worker in `mode` sends for these shapes."""
     if len(encoded) != len(shapes):
@@ -112,4 +142,10 @@ def check_upload(
         if expected_codec is Codec.BLOCK_GRID and tensor.scales != (float(bbit_block),):
             raise ValueError(
                 f"tensor {index}: block size {tensor.scales}, this run's bbit_block is {bbit_block}"
+            )
+    if mode == "stc":
+        allowed = keep_count(sum(math.prod(shape) for shape in shapes), density)
+        if kept_count(encoded) > allowed:
+            raise ValueError(
+                f"upload keeps {kept_count(encoded)} values, density {density} allows {allowed}"
             )

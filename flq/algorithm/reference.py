@@ -24,7 +24,7 @@ from flq.algorithm._arrays import (
     zeros,
 )
 from flq.algorithm.lazy import LazyParams, decide, lazy_threshold
-from flq.algorithm.modes import Mode, encode_upload, is_innovation, parse_mode
+from flq.algorithm.modes import Mode, encode_update, is_innovation, parse_mode, reuses_stale
 from flq.codec import EncodedTensor, decode
 
 
@@ -52,6 +52,8 @@ class RoundConfigLike(Protocol):
     def bbit_block(self) -> int: ...
     @property
     def error_feedback(self) -> bool: ...
+    @property
+    def density(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,14 @@ class UploadSettings:
     mode: Mode
     b_up: int = 4
     lazy: LazyParams = field(default_factory=LazyParams)
-    error_feedback: bool = True  # laq8 only: innovation modes carry the error in Q_hat already
+    error_feedback: bool = True  # laq8, stc: innovation modes carry the error in Q_hat already
     stochastic_rounding: bool = False  # bbit only
     bbit_block: int = 0  # bbit only: 0 = LAQ grid, N = block grid with N values per radius
+    density: float = 0.01  # stc only: fraction of the update's values each upload keeps
 
     @property
     def uses_residual(self) -> bool:
-        return self.mode == "laq8" and self.error_feedback
+        return self.mode in ("laq8", "stc") and self.error_feedback
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class PreparedUpload:
     encoded: list[EncodedTensor]
     delta: list[np.ndarray]  # dQ: what the master's stored contribution moves by
     candidate: list[np.ndarray]  # Q_hat after commit
-    residual: list[np.ndarray] | None  # error-feedback residual after commit (laq8 only)
+    residual: list[np.ndarray] | None  # error-feedback residual after commit (laq8, stc)
     energy: float  # ||dQ||^2
     err_sq: float  # ||eps_k||^2: quantization error of this upload
     threshold: float
@@ -116,6 +119,7 @@ class UploadReference:
             error_feedback=bool(config.error_feedback),
             stochastic_rounding=bool(config.stochastic_rounding),
             bbit_block=int(config.bbit_block),
+            density=float(config.density),
         )
 
     @classmethod
@@ -191,9 +195,13 @@ class UploadReference:
 
     # ------------------------------------------------------------ quantizers
 
-    def _encode(self, values: np.ndarray, rng: np.random.Generator) -> EncodedTensor:
+    def _encode(
+        self, values: Sequence[np.ndarray], rng: np.random.Generator
+    ) -> list[EncodedTensor]:
         s = self.settings
-        return encode_upload(s.mode, values, s.b_up, rng, s.stochastic_rounding, s.bbit_block)
+        return encode_update(
+            s.mode, values, s.b_up, rng, s.stochastic_rounding, s.bbit_block, s.density
+        )
 
     def _quantize_innovation(
         self, update: Sequence[np.ndarray], rng: np.random.Generator
@@ -202,20 +210,25 @@ class UploadReference:
         innovation = [
             np.asarray(u, np.float32) - q for u, q in zip(update, self.q_hat, strict=True)
         ]
-        encoded = [self._encode(v, rng) for v in innovation]
+        encoded = self._encode(innovation, rng)
         delta = [decode(e, shape) for e, shape in zip(encoded, self.shapes, strict=True)]
         candidate = [q + d for q, d in zip(self.q_hat, delta, strict=True)]
         error = [v - d for v, d in zip(innovation, delta, strict=True)]
         return encoded, delta, candidate, error, None
 
     def _quantize_raw(self, update: Sequence[np.ndarray], rng: np.random.Generator) -> _Quantized:
-        """fedavg/laq8: quantize x = u (+ residual); dQ = Qnew - Q_hat; eps = x - Qnew."""
+        """fedavg/laq8/stc: quantize x = u (+ residual); eps = x - Qnew is the next residual.
+        dQ = Qnew - Q_hat where the master reuses stale contributions (it moves Q_i by dQ);
+        stc's contribution counts in its own round only, so there dQ = Qnew."""
         values = as_float32(update)
         if self.settings.uses_residual:
             values = [x + r for x, r in zip(values, self.residual, strict=True)]
-        encoded = [self._encode(x, rng) for x in values]
+        encoded = self._encode(values, rng)
         quantized = [decode(e, shape) for e, shape in zip(encoded, self.shapes, strict=True)]
-        delta = [n - q for n, q in zip(quantized, self.q_hat, strict=True)]
+        if reuses_stale(self.settings.mode):
+            delta = [n - q for n, q in zip(quantized, self.q_hat, strict=True)]
+        else:
+            delta = quantized
         error = [x - n for x, n in zip(values, quantized, strict=True)]
         residual = error if self.settings.uses_residual else None
         return encoded, delta, quantized, error, residual

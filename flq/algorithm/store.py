@@ -3,7 +3,8 @@
 Q_i moves with the same float32 arithmetic the worker uses for Q_hat, so the two stay
 bit-identical: innovation modes add the decoded dQ, raw modes replace Q_i by the decoded payload.
 A worker that did not upload this round keeps its Q_i, which keeps counting in the aggregate
-(stale reuse). A worker with no upload since it joined or was reset has no contribution at all:
+(stale reuse) — except in modes whose contributions count only in their own round (stc,
+`reuses_stale`). A worker with no upload since it joined or was reset has no contribution at all:
 its Q_i is zero, and counting it would only drag the mean towards zero.
 
 Stale reuse is bounded: a contribution stops counting once its worker has been absent (no offer
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from flq.algorithm._arrays import Shapes, check_finite, zeros
-from flq.algorithm.modes import Mode, check_upload, is_innovation, parse_mode
+from flq.algorithm.modes import Mode, check_upload, is_innovation, parse_mode, reuses_stale
 from flq.algorithm.robust import norm
 from flq.algorithm.screening import ScreenOptions, screen_norms
 from flq.codec import EncodedTensor, decode
@@ -44,12 +45,14 @@ class ContributionStore:
         b_up: int = 4,
         bbit_block: int = 0,
         max_absent: int | None = None,  # None: counts however long its worker is gone
+        density: float = 1.0,
     ) -> None:
         self.shapes: Shapes = [tuple(int(d) for d in shape) for shape in shapes]
         self.mode = mode
         self.b_up = b_up
         self.bbit_block = bbit_block
         self.max_absent = max_absent
+        self.density = density  # stc: the most values an upload may keep, as a fraction
         self._entries: dict[str, _Entry] = {}
 
     # ------------------------------------------------------------ queries
@@ -64,9 +67,13 @@ class ContributionStore:
         entry = self._entries.get(worker_id)
         return None if entry is None else entry.contribution
 
-    def contributors(self) -> list[str]:
-        """Workers whose Q_i counts in the aggregate, sorted for a deterministic sum order."""
-        return sorted(w for w, e in self._entries.items() if self._counts(e))
+    def contributors(self, fresh: Collection[str] = ()) -> list[str]:
+        """Workers whose Q_i counts in the aggregate, sorted for a deterministic sum order; where
+        stale contributions do not count (stc), only those among `fresh`."""
+        stale_too = reuses_stale(self.mode)
+        return sorted(
+            w for w, e in self._entries.items() if self._counts(e) and (stale_too or w in fresh)
+        )
 
     def norm(self, worker_id: str) -> float:
         """||Q_i|| (0 without a contribution)."""
@@ -93,7 +100,7 @@ class ContributionStore:
 
     def check(self, encoded: Sequence[EncodedTensor]) -> None:
         """Raise ValueError unless `encoded` is a well-formed upload for this mode and model."""
-        check_upload(self.mode, self.b_up, encoded, self.shapes, self.bbit_block)
+        check_upload(self.mode, self.b_up, encoded, self.shapes, self.bbit_block, self.density)
 
     def candidate(self, worker_id: str, encoded: Sequence[EncodedTensor]) -> list[np.ndarray]:
         """What Q_i would become with this upload (nothing changes); ValueError if the upload is

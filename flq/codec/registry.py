@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flq.codec import blockgrid, quantizers
+from flq.codec import blockgrid, quantizers, sparse
 from flq.codec.bitpack import MAX_BITS, MIN_BITS, check_payload, packed_size
 from flq.codec.errors import CodecError
 from flq.codec.tensor import Codec, EncodedTensor
@@ -25,6 +25,7 @@ class EncodeOptions:
     bits: int
     rng: np.random.Generator | None = None
     block: int = 256  # BLOCK_GRID: values per radius
+    density: float = 0.01  # SPARSE_TERNARY: fraction of values kept
 
 
 Scales = tuple[float, ...]
@@ -154,6 +155,17 @@ SPECS: dict[Codec, CodecSpec] = {
             ),
             check_scales=_block_scales,
         ),
+        CodecSpec(
+            codec=Codec.SPARSE_TERNARY,
+            min_bits=0,  # the Rice parameter, chosen by the encoder from the density
+            max_bits=sparse.MAX_RICE_BITS,
+            scale_names=("mu", "nnz"),
+            encode=lambda x, o: sparse.encode_sparse_ternary(x, o.density),
+            decode=sparse.decode_ternary,
+            max_payload_bytes=sparse.max_ternary_bytes,
+            check_payload=sparse.check_ternary,
+            check_scales=lambda _codec, _names, _scales: None,  # check_payload reads them
+        ),
     )
 }
 
@@ -189,12 +201,14 @@ def encode(
     bits: int,
     rng: np.random.Generator | None = None,
     block: int = 256,
+    density: float = 0.01,
 ) -> EncodedTensor:
     """Encode `x` with `codec` at `bits` bits per value (fixed-width codecs require their width);
-    `block` is the block size of BLOCK_GRID and ignored by the others."""
+    `block` is the block size of BLOCK_GRID, `density` the kept fraction of SPARSE_TERNARY
+    (whose Rice parameter the encoder picks: `bits` must be in range and is otherwise unused)."""
     spec = spec_of(codec)
     spec.check_bits(bits)
-    return spec.encode(x, EncodeOptions(bits=bits, rng=rng, block=block))
+    return spec.encode(x, EncodeOptions(bits=bits, rng=rng, block=block, density=density))
 
 
 def decode(enc: EncodedTensor, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:

@@ -16,6 +16,7 @@ class Codec(enum.IntEnum):
     LAQ_GRID = 4
     SIGN = 5
     BLOCK_GRID = 6
+    SPARSE_TERNARY = 7
 
 
 HEADER_FIXED_BITS = 16  # codec id (8) + bit width (8)

@@ -402,7 +402,7 @@ class RoundEngine:
         fresh = set(outcome.selected)
         contributors = [
             facts_for(w, self.registry.get(w), round_id, w in fresh)
-            for w in self.state.store.contributors()
+            for w in self.state.store.contributors(fresh)
         ]
         return await advise_within(self.advisor, round_id, contributors)
 

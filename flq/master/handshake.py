@@ -40,8 +40,9 @@ def check_hello(message: WorkerMessage, session_worker_id: str) -> Hello:
 
 def reconcile_references(hello: Hello, record: WorkerRecord, state: MasterState) -> bool:
     """Align the worker's references with the master's; True when its upload reference was
-    reset. A stale downlink reference is not reset here: the worker gets a float32 keyframe
-    next round (record.download_version = -1)."""
+    reset. A stale downlink reference is not reset here: next round the worker gets the chain of
+    deltas it missed, when this master process sent it the version it holds (the same lineage)
+    and still has them, else a float32 keyframe (record.download_version = -1)."""
     master_version = state.store.version(hello.worker_id)
     reset = master_version != hello.upload_ref_version
     if reset:
@@ -52,8 +53,9 @@ def reconcile_references(hello: Hello, record: WorkerRecord, state: MasterState)
             worker_version=hello.upload_ref_version,
         )
         state.store.reset(hello.worker_id)
-    in_sync = hello.download_ref_version == state.downlink.version
-    record.download_version = hello.download_ref_version if in_sync else -1
+    held = hello.download_ref_version
+    known = held == state.downlink.version or (0 < held == record.download_version)
+    record.download_version = held if known else -1
     return reset
 
 

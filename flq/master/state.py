@@ -39,7 +39,9 @@ class AlgorithmSettings:
     mode: str = "bbit"
     b_up: int = 4
     bbit_block: int = 0
+    density: float = 0.01
     b_down: int = 32
+    down_density: float = 0.0
     server_optimizer: str = "avg"
     server_lr: float = 1.0
     weighting: str = "samples"
@@ -54,7 +56,9 @@ def algorithm_settings_from(cfg: Config) -> AlgorithmSettings:
         mode=algo.mode,
         b_up=algo.b_up,
         bbit_block=algo.bbit_block,
+        density=algo.density,
         b_down=algo.b_down,
+        down_density=algo.down_density,
         server_optimizer=algo.server_optimizer,
         server_lr=algo.server_lr,
         weighting=algo.weighting,
@@ -114,10 +118,11 @@ class MasterState:
             parse_mode(settings.mode),
             settings.b_up,
             settings.bbit_block,
+            settings.density,
             max_absent=settings.max_absent,
         )
         self.optimizer = make_server_optimizer(settings.server_optimizer, settings.server_lr)
-        self.downlink = DownlinkSender(settings.b_down)
+        self.downlink = DownlinkSender(settings.b_down, settings.down_density)
         # "llm" decides per round (WeightDecision); without a decision its rule is sample counts.
         self.weighting = make_weighting(
             "samples" if settings.weighting == "llm" else settings.weighting

@@ -213,9 +213,11 @@ class _Session:
         if welcome.reset_references and self.state.upload is not None:
             self.state.reset_upload("master asked for a reset on connect")
         held = self.state.downlink.version
-        if held and welcome.download_ref_version != held:
-            # The master will send a keyframe; drop ours so we never apply a delta to it.
-            self.state.reset_downlink("downlink version differs from the master's")
+        if held and welcome.download_ref_version < held:
+            # A master behind us (restarted from an older checkpoint) will send a keyframe; drop
+            # ours so we never apply a delta to it. Behind the master, we keep it: the master
+            # sends the deltas we missed if it sent us this version itself, else a keyframe.
+            self.state.reset_downlink("downlink version ahead of the master's")
 
     async def _dispatch(self, message: MasterMessage) -> SessionOutcome | None:
         if isinstance(message, Shutdown):
@@ -303,6 +305,8 @@ class _Session:
         shapes = [w.shape for w in weights]
         ref = self.state.upload
         if ref is None or ref.shapes != shapes or ref.config_key != UploadReference.key_for(config):
+            if ref is not None:  # its Q_hat and residual cannot carry over: say so
+                self.state.reset_upload("the master changed the upload settings or model")
             ref = UploadReference.from_round_config(shapes, config)
             self.state.upload = ref
         return ref

@@ -93,6 +93,31 @@ def test_each_mode_learns_and_counts_exactly_the_bits_it_received(
         assert row["wire_bytes"] > row["uplink_bits"] // 8
 
 
+def test_stc_learns_both_ways_and_counts_exactly_the_bits_it_sent(tmp_path: Path) -> None:
+    cfg = make_config(
+        **{
+            "flq_algorithm.mode": "stc",
+            "flq_algorithm.density": 0.25,
+            "flq_algorithm.down_density": 0.25,
+            "system.max_rounds": 30,
+        }
+    )
+    federation, rows = run(cfg, tmp_path)
+    losses = [float(r["loss"]) for r in rows]
+    assert losses[-1] < 0.5 * losses[0], losses
+    # 31 values, k = round(0.25 * 31) = 8 kept per upload; each tensor's header holds mu and nnz.
+    for row in rows:
+        assert row["selected"] == 3 and row["failed"] == 0
+        headers = 3 * ((16 + 32 + 64) + (16 + 32 + 64))
+        assert 3 * 8 * 2 + headers <= row["uplink_bits"] <= 3 * 8 * (2 + 31) + headers
+    # after the first round's keyframes, every worker gets the one sparse delta
+    assert all(row["downlink_bits"] < rows[0]["downlink_bits"] for row in rows[1:])
+    held = federation.state.downlink.reference
+    assert held is not None and not all(
+        np.array_equal(h, w) for h, w in zip(held, federation.state.weights, strict=True)
+    )  # the rest of the global step waits in theta - theta_ref for later rounds
+
+
 def test_fedavg_one_step_equals_fedsgd_computed_directly(tmp_path: Path) -> None:
     # Full-batch gradients make each worker's step deterministic, so the expected model is known.
     cfg = make_config(

@@ -70,6 +70,7 @@ def test_codec_values_are_the_wire_values() -> None:
         "LAQ_GRID": 4,
         "SIGN": 5,
         "BLOCK_GRID": 6,
+        "SPARSE_TERNARY": 7,
     }
 
 

@@ -166,6 +166,7 @@ def test_every_round_config_field_travels() -> None:
         deadline_ms=1234,
         optimizer="adam",
         bbit_block=256,
+        density=0.0025,
     )
     assert all(
         getattr(changed, f) != getattr(RoundConfig(), f) for f in RoundConfig.__dataclass_fields__

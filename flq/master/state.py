@@ -118,7 +118,7 @@ class MasterState:
             parse_mode(settings.mode),
             settings.b_up,
             settings.bbit_block,
-            settings.density,
+            density=settings.density,
             max_absent=settings.max_absent,
         )
         self.optimizer = make_server_optimizer(settings.server_optimizer, settings.server_lr)

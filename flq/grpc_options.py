@@ -10,6 +10,7 @@ grouping without allowing a peer to make us buffer arbitrarily large messages.
 
 from __future__ import annotations
 
+SERVICE_NAME = "flq.v1.FLQ"  # the gRPC service, as the health service names it
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 CLIENT_KEEPALIVE_MS = 30_000
 

@@ -22,11 +22,11 @@ async def start_synthetic_master(
     cfg: Config, run_dir: Path, problem: SyntheticProblem, **options: Any
 ) -> tuple[MasterDaemon, asyncio.Task[None]]:
     """Start the daemon and return once it serves; the task ends when the run does.
-    `options` are further MasterOptions (metrics port, ...)."""
+    `options` are further MasterOptions (a fixed port, metrics port, ...)."""
+    options.setdefault("port", 0)
     daemon = MasterDaemon(
         cfg,
         MasterOptions(
-            port=0,
             run_dir=run_dir,
             federation_factory=lambda c: build_federation(c, SyntheticEvaluation(problem)),
             **options,

@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from flq import notify
 from flq.config import Config
-from flq.grpc_options import SERVER_OPTIONS
+from flq.grpc_options import SERVER_OPTIONS, SERVICE_NAME
 from flq.master.control import ControlPlane
 from flq.master.driver import RoundDriver, StopRules
 from flq.master.federation import Federation, build_federation
@@ -35,7 +35,6 @@ from flq.pb import flq_pb2_grpc as pb_grpc
 from flq.security import MasterSecurity, load_master_security, server_credentials
 
 log = structlog.get_logger("flq.master")
-SERVICE_NAME = "flq.v1.FLQ"
 STOP_GRACE_S = 5.0
 
 

@@ -31,8 +31,10 @@ def check_hello(message: WorkerMessage, session_worker_id: str) -> Hello:
             "PERMISSION_DENIED", f"worker id {message.worker_id!r} differs from the session's"
         )
     if message.protocol_version != PROTOCOL_VERSION:
+        # UNIMPLEMENTED, not FAILED_PRECONDITION: the worker's connection treats it as final
+        # (retrying cannot teach either side the other's protocol).
         raise ProtocolViolation(
-            "FAILED_PRECONDITION",
+            "UNIMPLEMENTED",
             f"protocol version {message.protocol_version}, master speaks {PROTOCOL_VERSION}",
         )
     return message

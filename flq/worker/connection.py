@@ -1,10 +1,17 @@
 """The worker's gRPC side: one Session stream to the master, and reconnecting when it drops.
 
 Reconnects use exponential backoff with full jitter (sleep a uniform draw from [0, min(cap,
-base * 2^attempt)]) so a hundred boards that lost the master at once do not come back in lockstep.
-The attempt counter resets once a session got as far as the master's Welcome. Non-transient status
-codes (wrong credentials, a protocol version the master does not speak) end the worker instead:
-retrying cannot fix them.
+base * 2^attempt)]) so a hundred boards that lost the master at once do not come back in lockstep;
+a master's "come back in N s" is honoured with that jitter on top. The attempt counter resets once
+a session got as far as the master's Welcome. While it waits, the worker asks the master's health
+service once a second: as soon as a master serves again it redials within a few (jittered)
+seconds instead of sleeping out a backoff grown to 30 s while the master was down.
+
+Failures retrying cannot fix end the worker with FatalConnectionError: wrong credentials
+(UNAUTHENTICATED, PERMISSION_DENIED), a protocol version the master does not speak
+(UNIMPLEMENTED), and a TLS handshake our side failed (the master's certificate does not verify,
+or it speaks plaintext). A master that refuses *our* certificate just closes the socket, which
+looks like a master going down, so that case keeps retrying (logged each time).
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from typing import TYPE_CHECKING
 
 import grpc
 import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flq import serde
-from flq.grpc_options import CLIENT_OPTIONS
+from flq.grpc_options import CLIENT_OPTIONS, SERVICE_NAME
 from flq.link import LinkClosed, MasterLink, ReceivedByWorker
 from flq.pb import flq_pb2_grpc as pb_grpc
 from flq.security import worker_metadata
@@ -48,19 +56,39 @@ FATAL_CODES = frozenset(
 
 
 STATUS_WAIT_S = 2.0  # how long a failed write waits for the call's final status
+HEALTH_POLL_S = 1.0  # how often a waiting worker asks whether the master serves again
+SERVING_JITTER_S = 3.0  # once it does, redial after a uniform draw from [0, this]
 
 
 class FatalConnectionError(RuntimeError):
     """The master refused us for a reason retrying cannot fix."""
 
 
+def final_error(code: grpc.StatusCode, details: str) -> FatalConnectionError | None:
+    """The error that ends the worker for a call that ended with `code`; None if retrying may
+    help."""
+    if code in FATAL_CODES:
+        return FatalConnectionError(f"{code.name}: {details}")
+    if code is grpc.StatusCode.UNAVAILABLE and "handshake failed" in details.lower():
+        return FatalConnectionError(
+            "TLS handshake with the master failed (check --tls-ca against the master's "
+            f"certificate, and that the master has TLS on): {details}"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class Backoff:
     base_s: float = 0.5
     cap_s: float = 30.0
+    rand: Callable[[], float] = random.random  # a uniform draw from [0, 1)
 
-    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
-        return rand() * min(self.cap_s, self.base_s * (2.0**attempt))
+    def delay(self, attempt: int) -> float:
+        return self.rand() * min(self.cap_s, self.base_s * (2.0**attempt))
+
+    def after_serving(self) -> float:
+        """The delay once the master answers health checks again: a few seconds of jitter."""
+        return self.rand() * SERVING_JITTER_S
 
 
 class GrpcMasterLink:
@@ -109,8 +137,9 @@ class GrpcMasterLink:
             code = await asyncio.wait_for(self._call.code(), STATUS_WAIT_S)
         except asyncio.TimeoutError:
             return
-        if code in FATAL_CODES:
-            raise FatalConnectionError(f"{code.name}: {await self._call.details()}")
+        fatal = final_error(code, await self._call.details() or "")
+        if fatal is not None:
+            raise fatal
 
     async def recv(self) -> ReceivedByWorker:
         item = await self._inbox.get()
@@ -118,8 +147,9 @@ class GrpcMasterLink:
             return item
         await self._inbox.put(item)  # keep later readers failing the same way
         if isinstance(item, grpc.aio.AioRpcError):
-            if item.code() in FATAL_CODES:
-                raise FatalConnectionError(f"{item.code().name}: {item.details()}")
+            fatal = final_error(item.code(), item.details() or "")
+            if fatal is not None:
+                raise fatal
             raise LinkClosed(f"{item.code().name}: {item.details()}")
         if isinstance(item, serde.WireError):
             raise LinkClosed(f"master sent a malformed message: {item}")
@@ -165,14 +195,54 @@ async def run_connected(
         if state.connected_once:
             attempt = 0
             state.connected_once = False
-        delay = max(outcome.reconnect_after_s, policy.delay(attempt))
+        # A master's "come back after N s" is the same for every worker: jitter goes on top.
+        delay = outcome.reconnect_after_s + policy.delay(attempt)
         attempt += 1
         log.info("reconnecting", reason=outcome.reason, delay_s=round(delay, 2), attempt=attempt)
-        try:
-            await asyncio.wait_for(stop.wait(), delay)
-        except asyncio.TimeoutError:
-            pass
+        await _wait_to_redial(delay, policy, address, credentials, stop)
     return SessionOutcome(SessionEnd.SHUTDOWN, "stopped")
+
+
+async def _wait_to_redial(
+    delay: float,
+    policy: Backoff,
+    address: str,
+    credentials: grpc.ChannelCredentials | None,
+    stop: asyncio.Event,
+) -> None:
+    """Sleep `delay` (or until `stop`), cut short once the master serves again: then redial
+    within policy.after_serving() seconds, however long the backoff had grown."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + delay
+    while not stop.is_set() and loop.time() < deadline:
+        if loop.time() + HEALTH_POLL_S < deadline and await master_serving(address, credentials):
+            deadline = min(deadline, loop.time() + policy.after_serving())
+            log.info("master serves again", redial_in_s=round(deadline - loop.time(), 2))
+            await _sleep_unless(stop, deadline - loop.time())
+            return
+        await _sleep_unless(stop, min(HEALTH_POLL_S, deadline - loop.time()))
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), max(0.0, seconds))
+    except asyncio.TimeoutError:
+        pass
+
+
+async def master_serving(address: str, credentials: grpc.ChannelCredentials | None) -> bool:
+    """Whether the master at `address` answers its health check with SERVING. A fresh channel
+    each time: a long-lived one would wait out grpc's own reconnect backoff (up to 120 s)."""
+    channel = _channel(address, credentials)
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=HEALTH_POLL_S
+        )
+    except (grpc.aio.AioRpcError, asyncio.TimeoutError):
+        return False
+    finally:
+        await channel.close()
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 async def _one_session(
@@ -186,11 +256,7 @@ async def _one_session(
     metadata: Sequence[tuple[str, str]] = (),
     observer: LinkObserver | None = None,
 ) -> SessionOutcome:
-    channel = (
-        grpc.aio.secure_channel(address, credentials, options=CLIENT_OPTIONS)
-        if credentials is not None
-        else grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
-    )
+    channel = _channel(address, credentials)
     link: GrpcMasterLink | None = None
     try:
         call = pb_grpc.FLQStub(channel).Session(metadata=tuple(metadata))
@@ -213,6 +279,12 @@ async def _one_session(
         if link is not None:
             await link.close()
         await channel.close()
+
+
+def _channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
+    return grpc.aio.secure_channel(address, credentials, options=CLIENT_OPTIONS)
 
 
 def _observed(link: MasterLink, observer: LinkObserver) -> MasterLink:

@@ -140,13 +140,20 @@ async def run_session(
     options: SessionOptions | None = None,
     on_connected: Callable[[], None] | None = None,
 ) -> SessionOutcome:
-    """Drive one connection until it ends; never raises for a dropped link."""
+    """Drive one connection until it ends; never raises for a dropped link or for a message
+    from the master it cannot follow (that session ends; the worker reconnects)."""
     opts = options or SessionOptions()
     session = _Session(state, trainer, link, opts, on_connected)
     try:
         return await session.run()
     except LinkClosed as closed:
         return SessionOutcome(SessionEnd.CLOSED, str(closed))
+    except (ProtocolError, CodecError) as error:
+        log.error("protocol error: leaving the session", worker=state.worker_id, error=str(error))
+        # Whatever the master sent may have left us off its downlink; a keyframe at the next
+        # Hello is cheaper than a second failure.
+        state.reset_downlink("protocol error")
+        return SessionOutcome(SessionEnd.CLOSED, f"protocol error: {error}")
 
 
 class _Session:

@@ -134,7 +134,7 @@ def _hello(**fields: Any) -> pb.WorkerMessage:
     [
         ((pb.WorkerMessage(),), grpc.StatusCode.INVALID_ARGUMENT),
         ((pb.WorkerMessage(offer=pb.UploadOffer(round=1)),), grpc.StatusCode.FAILED_PRECONDITION),
-        ((_hello(protocol_version=99),), grpc.StatusCode.FAILED_PRECONDITION),
+        ((_hello(protocol_version=99),), grpc.StatusCode.UNIMPLEMENTED),
         ((_hello(worker_id=""),), grpc.StatusCode.INVALID_ARGUMENT),
         (
             (pb.WorkerMessage(update=pb.UpdateChunk(tensors=[pb.TensorChunk(codec=42)])),),

@@ -479,3 +479,28 @@ def test_an_overlong_worker_id_header_is_refused_without_being_echoed(
     assert "5000 bytes" in (refused.details() or "")
     assert "x" * 100 not in (refused.details() or "") and "x" * 100 not in repr(logs)
     assert [r["code"] for r in refusals(logs)] == ["UNAUTHENTICATED"]
+
+
+def test_a_master_certificate_the_worker_does_not_trust_ends_the_worker(
+    secure_master: Any, certs: Path, other_ca: Path
+) -> None:
+    """Our side of the handshake fails: no retry can fix that, so the worker ends and says so."""
+    loop, daemon, _ = secure_master
+
+    async def attempt() -> str:
+        with pytest.raises(FatalConnectionError) as refused:
+            await asyncio.wait_for(
+                run_worker(
+                    daemon.port,
+                    "w0",
+                    token=worker_token(certs, "w0"),
+                    credentials=client_credentials(other_ca, "w0"),  # trusts the other CA
+                ),
+                10,
+            )
+        return str(refused.value)
+
+    message = loop.run_until_complete(attempt())
+    assert message.startswith("TLS handshake with the master failed (check --tls-ca"), message
+    assert "CERTIFICATE_VERIFY_FAILED" in message
+    assert daemon.federation.registry.get("w0") is None

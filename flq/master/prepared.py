@@ -35,7 +35,10 @@ class PreparedRound:
         """What a worker holding downlink reference `worker_version` is sent."""
         encoded, is_keyframe = self._downlink.payload_for(worker_version)
         kind: Literal["delta", "keyframe"] = "keyframe" if is_keyframe else "delta"
-        payload = self._payloads.get(kind)
+        # A worker further behind gets its own chain of deltas, shared only with workers that
+        # hold the same version (flq/algorithm/downlink.py), so deltas are keyed by length too.
+        key = kind if is_keyframe else f"{kind}:{len(encoded)}"
+        payload = self._payloads.get(key)
         if payload is None:
             groups = group_chunks(split_tensors(encoded))
             messages = tuple(
@@ -52,5 +55,5 @@ class PreparedRound:
             )
             bits = sum(e.cost_bits() for e in encoded)
             payload = DownlinkPayload(self.round, kind, self.version, messages, bits)
-            self._payloads[kind] = payload
+            self._payloads[key] = payload
         return payload

@@ -47,6 +47,21 @@ def test_in_sync_workers_share_the_delta_and_others_the_keyframe() -> None:
     assert keyframe.bits == 32 * 123 + 128 == 4064  # float32 + headers
 
 
+def test_a_worker_that_missed_rounds_gets_its_own_chain_not_the_shared_delta() -> None:
+    sender = DownlinkSender(b_down=4)
+    config = round_config_from(default_config())
+    for seed in range(3):
+        sender.prepare(_theta(seed))
+    downlink = sender.prepare(_theta(3))
+    prepared = PreparedRound(4, downlink, config, lazy_scalar=0.5)
+    delta, chain = prepared.payload_for(3), prepared.payload_for(1)
+    assert delta.kind == chain.kind == "delta" and delta is not chain
+    assert chain is prepared.payload_for(1)
+    assert chain.bits == 3 * delta.bits  # the deltas to versions 2, 3 and 4, in order
+    tensors = [t for m in chain.messages for t in m.tensors]
+    assert [t.tensor_count for t in tensors] == [3 * len(SHAPES)] * len(tensors)
+
+
 def test_a_simulated_round_measures_each_payload_once_for_all_workers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -32,7 +32,7 @@ DatasetName = Literal["digits", "fashion-mnist", "mnist", "npz", "synthetic"]
 Partition = Literal["iid", "dirichlet", "shards"]
 ModelName = Literal["logreg", "mlp", "cnn"]
 ClientOptimizer = Literal["sgd", "adam"]
-Mode = Literal["fedavg", "laq8", "bbit", "bin", "stc"]
+Mode = Literal["fedavg", "laq8", "bbit", "bin", "stc", "sti"]
 ServerOptimizer = Literal["avg", "sgd", "adam", "yogi", "adagrad"]
 Weighting = Literal["samples", "uniform", "llm"]
 AggregationRule = Literal["mean", "trimmed_mean", "median", "norm_clipped"]
@@ -276,7 +276,8 @@ class AlgorithmConfig:
         metadata=rule(
             "Uplink scheme: fedavg (float32), laq8 (8-bit stochastic), bbit (b_up-bit innovation), "
             "bin (1-bit sign innovation), stc (sparse ternary: the top `density` of the update "
-            "plus residual as +-mu, Golomb-coded positions; Sattler et al. 2019).",
+            "plus residual as +-mu, Golomb-coded positions; Sattler et al. 2019), sti (the same "
+            "code on the innovation u - Q_hat, with FLQ's stale reuse).",
             original=True,
         ),
     )
@@ -336,7 +337,7 @@ class AlgorithmConfig:
     density: float = field(
         default=0.01,
         metadata=rule(
-            "stc: fraction p of the update's values each upload keeps (top-k over the whole "
+            "stc, sti: fraction p of the values each upload keeps (top-k over the whole "
             "model, sent as +-mu).",
             above=0,
             maximum=1,

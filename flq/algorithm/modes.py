@@ -9,8 +9,12 @@
 - `stc`: sparse ternary compression (Sattler et al.): the top `density` fraction of the update
   plus the worker's residual, as +-mu at Golomb-coded positions (flq/algorithm/stc.py). A
   contribution counts only in the round it arrives: no stale reuse.
+- `sti`: sparse ternary innovation: the top `density` fraction of the innovation u - Q_hat as
+  +-mu, the same code as stc, but an innovation mode: Q_hat carries what was left out, and the
+  master reuses every worker's Q_i in rounds it does not upload (FLQ's stale reuse and lazy
+  rule on STC's code).
 
-Innovation modes (bbit, bin) quantize against the last acknowledged upload Q_hat, which already
+Innovation modes (bbit, bin, sti) quantize against the last acknowledged upload Q_hat, which already
 carries the quantization error forward; raw modes (fedavg, laq8, stc) quantize the update itself,
 laq8 and stc with the residual of what earlier uploads left out added (error feedback).
 """
@@ -35,7 +39,7 @@ from flq.codec import (
 )
 from flq.codec.sparse import keep_count
 
-Mode: TypeAlias = Literal["fedavg", "laq8", "bbit", "bin", "stc"]
+Mode: TypeAlias = Literal["fedavg", "laq8", "bbit", "bin", "stc", "sti"]
 MODES: tuple[Mode, ...] = get_args(Mode)
 
 _LAQ8_BITS = 8
@@ -45,6 +49,7 @@ _CODEC_OF: dict[Mode, Codec] = {
     "bbit": Codec.LAQ_GRID,
     "bin": Codec.SIGN,
     "stc": Codec.SPARSE_TERNARY,
+    "sti": Codec.SPARSE_TERNARY,
 }
 
 
@@ -58,7 +63,12 @@ def parse_mode(name: str) -> Mode:
 
 def is_innovation(mode: Mode) -> bool:
     """True where the worker quantizes u - Q_hat rather than u itself."""
-    return mode in ("bbit", "bin")
+    return mode in ("bbit", "bin", "sti")
+
+
+def is_sparse(mode: Mode) -> bool:
+    """True for the sparse ternary modes (a `density` fraction of values as +-mu)."""
+    return mode in ("stc", "sti")
 
 
 def reuses_stale(mode: Mode) -> bool:
@@ -74,7 +84,7 @@ def upload_codec(mode: Mode, bbit_block: int = 0) -> Codec:
 
 def bits_per_value(mode: Mode, b_up: int) -> int:
     """Payload bits per parameter (headers not included); stc's vary with its positions."""
-    return {"fedavg": 32, "laq8": _LAQ8_BITS, "bbit": b_up, "bin": 1, "stc": 0}[mode]
+    return {"fedavg": 32, "laq8": _LAQ8_BITS, "bbit": b_up, "bin": 1, "stc": 0, "sti": 0}[mode]
 
 
 def encode_upload(
@@ -107,9 +117,9 @@ def encode_update(
     bbit_block: int = 0,
     density: float = 0.01,
 ) -> list[EncodedTensor]:
-    """Encode a whole update: stc picks its top values over all tensors together, the other
-    modes encode each tensor on its own."""
-    if mode == "stc":
+    """Encode a whole update: stc and sti pick their top values over all tensors together, the
+    other modes encode each tensor on its own."""
+    if is_sparse(mode):
         return sparsify(values, density)
     return [encode_upload(mode, v, b_up, rng, stochastic_rounding, bbit_block) for v in values]
 
@@ -143,7 +153,7 @@ def check_upload(
             raise ValueError(
                 f"tensor {index}: block size {tensor.scales}, this run's bbit_block is {bbit_block}"
             )
-    if mode == "stc":
+    if is_sparse(mode):
         allowed = keep_count(sum(math.prod(shape) for shape in shapes), density)
         if kept_count(encoded) > allowed:
             raise ValueError(

@@ -332,7 +332,7 @@ def test_bad_choice_lists_the_valid_choices_and_suggests_one() -> None:
     message = error_of({"flq_algorithm": {"mode": "bbits"}})
     assert 'flq_algorithm.mode = "bbits" is not a valid choice' in message
     assert "did you mean 'bbit'?" in message
-    assert message.endswith("choose one of: fedavg, laq8, bbit, bin, stc")
+    assert message.endswith("choose one of: fedavg, laq8, bbit, bin, stc, sti")
 
 
 def test_choices_are_case_insensitive_and_stored_lower_case() -> None:

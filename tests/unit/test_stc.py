@@ -222,3 +222,25 @@ def test_sparse_downlink_is_rebuilt_bit_exactly_with_chains_for_missed_rounds() 
         float(np.sum((t - r) ** 2)) for t, r in zip(theta, sender.reference or [], strict=True)
     )
     assert 0 < gap < sum(float(np.sum(t**2)) for t in theta)
+
+
+def test_sti_sends_sparse_innovations_the_master_mirrors_and_reuses() -> None:
+    rng = np.random.default_rng(7)
+    lazy = LazyParams(thr_scale=0.0, warmup=0)
+    settings = UploadSettings(mode="sti", lazy=lazy, density=0.05)
+    reference = UploadReference(SHAPES, settings)
+    store = ContributionStore(SHAPES, "sti", density=0.05)
+    target = _update(rng)
+    for round_index in range(5):
+        prepared = reference.prepare(target, round_index, rng)
+        assert kept_count(prepared.encoded) == round(0.05 * TOTAL)
+        store.apply_upload("a", prepared.encoded)
+        reference.commit(prepared)
+        for q_master, q_worker in zip(store.contribution("a") or [], reference.q_hat, strict=True):
+            np.testing.assert_array_equal(q_master, q_worker)
+    # Q_hat closes in on a fixed update round by round: what one upload left out, later ones send
+    gap = sum(float(np.sum((t - q) ** 2)) for t, q in zip(target, reference.q_hat, strict=True))
+    assert gap < 0.9 * sum(float(np.sum(t**2)) for t in target)
+    # a worker that does not upload keeps counting with its last Q_i (stale reuse)
+    result = aggregate(store, SampleWeighting(), {"a": 1}, fresh=set())
+    assert result.contributors == 1

@@ -77,7 +77,7 @@ def run(
     metrics_host: MetricsHostOpt = "0.0.0.0",
 ) -> None:
     """Connect to the master (reconnecting with backoff) and train until told to stop."""
-    from flq.cli.runtime import run_async, start
+    from flq.cli.runtime import exit_now_if_training, run_async, start
     from flq.config import ConfigError, load_config
     from flq.security import WORKER_TOKEN_ENV, client_token, load_client_tls
     from flq.serde import WireError, identifier
@@ -107,6 +107,7 @@ def run(
         metrics_host=metrics_host,
     )
     run_async(WorkerDaemon(cfg, options).run())
+    exit_now_if_training()  # SIGTERM mid-epoch: exit now, not when the epoch ends
 
 
 def parse_features(values: list[str]) -> dict[str, float]:

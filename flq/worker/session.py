@@ -9,13 +9,15 @@ a long local epoch runs.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import hashlib
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import structlog
@@ -42,6 +44,7 @@ from flq.types import (
 )
 
 log = structlog.get_logger("flq.worker")
+T = TypeVar("T")
 
 
 class Trainer(Protocol):
@@ -51,6 +54,40 @@ class Trainer(Protocol):
     def num_samples(self) -> int: ...
 
     def train(self, weights: list[np.ndarray], spec: TrainSpec) -> TrainResult: ...
+
+
+TRAINING_THREAD = "flq-local-training"
+
+
+async def in_training_thread(func: Callable[..., T], *args: object) -> T:
+    """`func(*args)` in a daemon thread, awaited like asyncio.to_thread. A local epoch cannot be
+    interrupted, and asyncio.run joins the threads of its executor before it returns: a worker
+    told to stop would sit out the epoch. Nothing joins a daemon thread; the CLI ends the process
+    (flq.cli.runtime.exit_now_if_training) instead of waiting for it."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+    context = contextvars.copy_context()  # the round bound in the log context, as to_thread
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = context.run(func, *args), None
+        except BaseException as raised:  # handed to the awaiting coroutine
+            result, error = None, raised
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop closed while we trained: nobody waits for the result
+            pass
+
+    threading.Thread(target=run, name=TRAINING_THREAD, daemon=True).start()
+    return await done
 
 
 class SessionEnd(enum.Enum):
@@ -323,7 +360,7 @@ class _Session:
         interval = self.options.heartbeat_interval_s
         beat = asyncio.create_task(self._heartbeats()) if math.isfinite(interval) else None
         try:
-            return await asyncio.to_thread(self.trainer.train, weights, train_spec_from(config))
+            return await in_training_thread(self.trainer.train, weights, train_spec_from(config))
         finally:
             self.phase = "idle"
             if beat is not None:

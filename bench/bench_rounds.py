@@ -111,7 +111,7 @@ class RandomDeltaTrainer:
         return 100
 
     def train(self, weights: list[np.ndarray], spec: Any) -> Any:
-        from flq.learning.trainer import TrainResult
+        from flq.types import TrainResult
 
         began = time.perf_counter()
         if self.sleep_s:

@@ -75,7 +75,7 @@ def relative_error(quantizer: Quantizer, tensors: list[np.ndarray]) -> tuple[flo
 def real_updates(steps: int) -> dict[str, list[np.ndarray]]:
     """Updates of worker w3 of the benchmark-1 setup: at init, after `steps`, and an innovation."""
     from flq.config import load_config
-    from flq.learning.trainer import TrainSpec
+    from flq.types import TrainSpec
     from flq.worker.training import build_trainer
 
     cfg = load_config(Path(__file__).parent / "configs" / "fmnist-bbit.toml")

@@ -40,7 +40,6 @@ from flq.types import (
     WorkerStatus,
 )
 
-PROTOCOL_VERSION = 1
 MAX_TENSOR_DIMS = 8
 MAX_SCALES = 4
 MAX_ID_BYTES = 128  # worker ids, in UTF-8 bytes

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flq.learning.trainer import TrainResult, TrainSpec
+from flq.config import Config
+from flq.types import TrainResult, TrainSpec
 
 
 @dataclass(frozen=True)
@@ -102,3 +103,8 @@ class SyntheticEvaluation:
     def evaluate(self, weights: list[np.ndarray]) -> tuple[float, float]:
         loss, _ = _mse_and_grad(weights, self.x, self.y)
         return loss, float(np.clip(1.0 - loss / self._variance, 0.0, 1.0))
+
+
+def problem_for(cfg: Config) -> SyntheticProblem:
+    """The problem every process of a `dataset.name = "synthetic"` federation shares."""
+    return SyntheticProblem(seed=cfg.system.seed)

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Final, TypeAlias
+
+import numpy as np
 
 from flq.codec.chunks import TensorChunk
 
+PROTOCOL_VERSION = 1  # Hello and Welcome carry it; a master refuses any other
+OPTIMIZERS: Final = ("sgd", "adam")  # local optimizers a worker can train with
+
 __all__ = [
+    "OPTIMIZERS",
+    "PROTOCOL_VERSION",
     "Decision",
     "DeviceInfo",
     "EvalResult",
@@ -29,6 +36,8 @@ __all__ = [
     "Skip",
     "StatusReply",
     "TensorChunk",
+    "TrainResult",
+    "TrainSpec",
     "UpdateChunk",
     "UploadOffer",
     "Welcome",
@@ -244,3 +253,45 @@ class ModelChunk:
 
 WorkerMessage: TypeAlias = Hello | UploadOffer | UpdateChunk | Skip | EvalResult | Heartbeat
 MasterMessage: TypeAlias = Welcome | RoundStart | Decision | ResetReference | Shutdown | Heartbeat
+
+
+# ---------------------------------------------------------------- local training (worker side)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One round's local work: `local_steps` minibatches, or `local_epochs` passes if steps is 0."""
+
+    local_steps: int = 1
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    l2: float = 0.0
+    prox_mu: float = 0.0
+    optimizer: str = "sgd"
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 0:
+            raise ValueError(f"local_steps: got {self.local_steps}, expected >= 0 (0 = epochs)")
+        if self.local_steps == 0 and self.local_epochs < 1:
+            raise ValueError(f"local_epochs: got {self.local_epochs}, expected >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: got {self.batch_size}, expected >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr: got {self.lr}, expected a finite value > 0")
+        for name, value in (("l2", self.l2), ("prox_mu", self.prox_mu)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}: got {value}, expected a finite value >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer: got {self.optimizer!r}, expected one of {list(OPTIMIZERS)}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    delta: list[np.ndarray]  # w_end - w_start, float32, in exchanged-weights order (see lora.py)
+    loss: float  # mean of the objective over the steps taken
+    num_samples: int  # size of this worker's partition (the FedAvg weight)
+    steps: int
+    seconds: float

@@ -8,7 +8,6 @@ it is starting.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,10 +15,10 @@ import numpy as np
 
 from flq.config import Config
 from flq.master.engine import EngineSettings, RoundEngine
-from flq.master.llm import LlmWeighting, compact_weights, one_line
-from flq.master.outcome import RoundOutcome
+from flq.master.llm import LlmWeighting
 from flq.master.registry import Registry
 from flq.master.state import MasterState, algorithm_settings_from
+from flq.synthetic import SyntheticEvaluation, problem_for
 from flq.types import RoundConfig
 
 
@@ -166,50 +165,6 @@ class Federation:
         if close is not None:
             await close()
 
-    def results_row(
-        self, outcome: RoundOutcome, accuracy: float, loss: float, *, cum_uplink_bits: int
-    ) -> dict[str, Any]:
-        """One rounds.csv row; `cum_uplink_bits` is the run's total including this round."""
-        return {
-            "round": outcome.round,
-            "accuracy": _fmt(accuracy),
-            "loss": _fmt(loss),
-            "selected": len(outcome.selected),
-            "skipped": len(outcome.skipped),
-            "failed": len(outcome.failed),
-            "uplink_bits": outcome.uplink_bits,
-            "downlink_bits": outcome.downlink_bits,
-            "wire_bytes": outcome.wire_bytes,
-            "seconds": f"{outcome.seconds:.4f}",
-            "denied": len(outcome.denied),
-            "fresh": ";".join(outcome.selected),
-            "participants": len(outcome.participants),
-            "train_loss": _fmt(outcome.train_loss),
-            "lazy_scalar": f"{outcome.lazy_scalar:.6g}",
-            "cum_uplink_bits": cum_uplink_bits,
-            "weights_source": outcome.weights_source,
-            "failures": ";".join(f"{w}:{why}" for w, why in sorted(outcome.failed.items())),
-            "weights_used": compact_weights(outcome.weights),
-            "llm_confidence": _fmt(outcome.llm_confidence),
-            "llm_reasoning": one_line(outcome.llm_reasoning),
-        }
-
-
-def _fmt(value: float) -> str:
-    return "nan" if math.isnan(value) else f"{value:.6f}"
-
-
-def synthetic_problem(cfg: Config) -> Any:
-    from flq.synthetic import SyntheticProblem
-
-    return SyntheticProblem(seed=cfg.system.seed)
-
-
-def synthetic_evaluation(cfg: Config) -> ModelEvaluation:
-    from flq.synthetic import SyntheticEvaluation
-
-    return SyntheticEvaluation(synthetic_problem(cfg))
-
 
 def build_federation(cfg: Config, evaluation: ModelEvaluation | None = None) -> Federation:
     """The federation for `cfg`; `evaluation` replaces the TensorFlow model (tests, benches)."""
@@ -217,7 +172,9 @@ def build_federation(cfg: Config, evaluation: ModelEvaluation | None = None) -> 
         raise ValueError("lora.rank > 0 needs a Keras model; dataset synthetic has none")
     if evaluation is None:
         evaluation = (
-            synthetic_evaluation(cfg) if cfg.dataset.name == "synthetic" else Evaluation(cfg)
+            SyntheticEvaluation(problem_for(cfg))
+            if cfg.dataset.name == "synthetic"
+            else Evaluation(cfg)
         )
     state = MasterState(evaluation.initial_weights, algorithm_settings_from(cfg))
     registry = Registry()

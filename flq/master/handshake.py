@@ -13,8 +13,7 @@ import structlog
 from flq.link import ProtocolViolation
 from flq.master.registry import WorkerRecord
 from flq.master.state import MasterState
-from flq.serde import PROTOCOL_VERSION
-from flq.types import Hello, Welcome, WorkerMessage
+from flq.types import PROTOCOL_VERSION, Hello, Welcome, WorkerMessage
 
 log = structlog.get_logger("flq.master")
 

@@ -37,6 +37,7 @@ import structlog
 from flq.algorithm import SampleWeighting, Weighting
 from flq.config import LlmConfig
 from flq.master.registry import WorkerRecord
+from flq.master.results import compact_weights, one_line
 from flq.master.state import WeightDecision
 from flq.types import Location
 
@@ -44,7 +45,6 @@ log = structlog.get_logger("flq.master.llm")
 
 BASE_URL_ENV = "FLQ_LLM_BASE_URL"
 LOSSES_IN_PROMPT = 5
-REASONING_CHARS = 240  # results and `flq status` keep one short line
 ADVICE_GRACE_S = 1.0  # beyond the advisor's own timeout, which bounds its call to the model
 HTTP_GRACE_S = 1.0  # the SDK's own HTTP timeout sits behind ours, so ours always fires first
 
@@ -244,12 +244,6 @@ def _weights_of(value: Any) -> dict[str, float]:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def one_line(text: Any, limit: int = REASONING_CHARS) -> str:
-    """Text squeezed to one line of at most `limit` characters (for CSV cells and status)."""
-    flat = " ".join(str(text or "").split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 # ---------------------------------------------------------------- the seam and the advisor
@@ -494,11 +488,6 @@ def _classify(error: Exception) -> tuple[str, str]:
     if module in {"httpx", "httpx2", "httpcore", "aiohttp"} or isinstance(error, OSError):
         return "network", f"{type(error).__name__}: {error}"
     return "error", f"{type(error).__name__}: {error}"
-
-
-def compact_weights(weights: Mapping[str, float]) -> str:
-    """ "w0:0.31;w1:0.69": a results cell."""
-    return ";".join(f"{w}:{weight:.4g}" for w, weight in sorted(weights.items()))
 
 
 def _round(value: float) -> float | None:

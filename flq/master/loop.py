@@ -14,7 +14,7 @@ import structlog
 from flq.master.checkpoint import load_checkpoint, save_checkpoint
 from flq.master.federation import Federation
 from flq.master.outcome import RoundOutcome
-from flq.master.results import ResultsWriter
+from flq.master.results import ResultsWriter, round_row
 
 log = structlog.get_logger("flq.master")
 TOTAL_KEYS = ("uplink_bits", "downlink_bits", "wire_bytes")
@@ -67,7 +67,7 @@ class RoundBookkeeper:
             self.totals[key] += getattr(outcome, key)
         self.last_outcome = outcome
         self.save()
-        row = fed.results_row(
+        row = round_row(
             outcome, self.last_accuracy, self.last_loss, cum_uplink_bits=self.totals["uplink_bits"]
         )
         self.results.write(row)

@@ -7,6 +7,7 @@ round, accuracy, loss, selected, skipped, failed, uplink_bits, downlink_bits, wi
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,7 +15,10 @@ from typing import Any
 
 import structlog
 
+from flq.master.outcome import RoundOutcome
+
 log = structlog.get_logger("flq.master.results")
+REASONING_CHARS = 240  # results and `flq status` keep one short line
 
 FIXED_COLUMNS = (
     "round",
@@ -42,6 +46,50 @@ EXTRA_COLUMNS = (
     "llm_reasoning",  # weighting = "llm": its reasoning, or why it fell back (one line)
 )
 COLUMNS = FIXED_COLUMNS + EXTRA_COLUMNS
+
+
+def round_row(
+    outcome: RoundOutcome, accuracy: float, loss: float, *, cum_uplink_bits: int
+) -> dict[str, Any]:
+    """One rounds.csv row; `cum_uplink_bits` is the run's total including this round."""
+    return {
+        "round": outcome.round,
+        "accuracy": _fmt(accuracy),
+        "loss": _fmt(loss),
+        "selected": len(outcome.selected),
+        "skipped": len(outcome.skipped),
+        "failed": len(outcome.failed),
+        "uplink_bits": outcome.uplink_bits,
+        "downlink_bits": outcome.downlink_bits,
+        "wire_bytes": outcome.wire_bytes,
+        "seconds": f"{outcome.seconds:.4f}",
+        "denied": len(outcome.denied),
+        "fresh": ";".join(outcome.selected),
+        "participants": len(outcome.participants),
+        "train_loss": _fmt(outcome.train_loss),
+        "lazy_scalar": f"{outcome.lazy_scalar:.6g}",
+        "cum_uplink_bits": cum_uplink_bits,
+        "weights_source": outcome.weights_source,
+        "failures": ";".join(f"{w}:{why}" for w, why in sorted(outcome.failed.items())),
+        "weights_used": compact_weights(outcome.weights),
+        "llm_confidence": _fmt(outcome.llm_confidence),
+        "llm_reasoning": one_line(outcome.llm_reasoning),
+    }
+
+
+def _fmt(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:.6f}"
+
+
+def compact_weights(weights: Mapping[str, float]) -> str:
+    """ "w0:0.31;w1:0.69": a results cell."""
+    return ";".join(f"{w}:{weight:.4g}" for w, weight in sorted(weights.items()))
+
+
+def one_line(text: Any, limit: int = REASONING_CHARS) -> str:
+    """Text squeezed to one line of at most `limit` characters (for CSV cells and status)."""
+    flat = " ".join(str(text or "").split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 class ResultsWriter:

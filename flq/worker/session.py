@@ -24,10 +24,9 @@ import structlog
 
 from flq.algorithm import DownlinkReceiver, UploadReference
 from flq.codec import CodecError, Reassembler, group_chunks, split_tensors
-from flq.learning.trainer import TrainResult, TrainSpec
 from flq.link import LinkClosed, MasterLink
-from flq.serde import PROTOCOL_VERSION
 from flq.types import (
+    PROTOCOL_VERSION,
     Decision,
     DeviceInfo,
     Heartbeat,
@@ -38,6 +37,8 @@ from flq.types import (
     RoundConfig,
     RoundStart,
     Shutdown,
+    TrainResult,
+    TrainSpec,
     UpdateChunk,
     UploadOffer,
     Welcome,

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from flq.config import Config
-from flq.learning.trainer import LocalTrainer, TrainResult, TrainSpec
+from flq.learning.trainer import LocalTrainer
+from flq.types import TrainResult, TrainSpec
 
 
 @dataclass
@@ -94,12 +95,11 @@ def build_trainer(
 
 def _synthetic_trainer(cfg: Config, worker_id: str, partition_index: int | None) -> Any:
     from flq.learning.partition import worker_index
-    from flq.master.federation import synthetic_problem
-    from flq.synthetic import SyntheticTrainer
+    from flq.synthetic import SyntheticTrainer, problem_for
 
     index = (
         worker_index(worker_id, cfg.system.total_workers)
         if partition_index is None
         else partition_index
     )
-    return SyntheticTrainer(synthetic_problem(cfg), index, delay_s=cfg.dataset.synthetic_train_s)
+    return SyntheticTrainer(problem_for(cfg), index, delay_s=cfg.dataset.synthetic_train_s)

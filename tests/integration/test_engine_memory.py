@@ -15,14 +15,12 @@ import numpy as np
 import pytest
 
 from flq.config import Config, default_config, with_overrides
-from flq.learning.trainer import TrainSpec
 from flq.link import ProtocolViolation
 from flq.master.federation import Federation, build_federation
 from flq.memlink import memory_link_pair
-from flq.serde import PROTOCOL_VERSION
 from flq.sim import simulate_async
 from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
-from flq.types import Hello, UpdateChunk, UploadOffer
+from flq.types import PROTOCOL_VERSION, Hello, TrainSpec, UpdateChunk, UploadOffer
 from flq.worker.session import SessionOptions, WorkerState, run_session
 
 PROBLEM = SyntheticProblem(dim=30, samples_per_worker=48, seed=3)

@@ -26,6 +26,7 @@ from flq.master.results import read_rounds
 from flq.pb import flq_pb2 as pb
 from flq.pb import flq_pb2_grpc as pb_grpc
 from flq.synthetic import SyntheticProblem, SyntheticTrainer
+from flq.types import PROTOCOL_VERSION
 from tests.loopback import connect_workers, start_synthetic_master
 
 PROBLEM = SyntheticProblem(dim=40, samples_per_worker=64, seed=5)
@@ -124,7 +125,7 @@ async def _session_status(port: int, *messages: pb.WorkerMessage) -> grpc.Status
 
 
 def _hello(**fields: Any) -> pb.WorkerMessage:
-    values = {"worker_id": "raw", "protocol_version": serde.PROTOCOL_VERSION, "num_samples": 1}
+    values = {"worker_id": "raw", "protocol_version": PROTOCOL_VERSION, "num_samples": 1}
     values.update(fields)
     return pb.WorkerMessage(hello=pb.Hello(**values))
 

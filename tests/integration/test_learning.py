@@ -18,7 +18,8 @@ from flq.learning.data import ArrayData, DatasetSpec, load_dataset
 from flq.learning.device import apply_device_caps, quiet_tensorflow_env
 from flq.learning.models import build_model, count_parameters
 from flq.learning.tfimport import keras, tf
-from flq.learning.trainer import Evaluator, LocalTrainer, TrainSpec, Weights
+from flq.learning.trainer import Evaluator, LocalTrainer, Weights
+from flq.types import TrainSpec
 
 SMALL_PARTITION = 40
 

@@ -27,12 +27,13 @@ from flq.learning.lora import (
     merge_layout,
 )
 from flq.learning.models import build_model, count_parameters
-from flq.learning.trainer import Evaluator, LocalTrainer, TrainSpec
+from flq.learning.trainer import Evaluator, LocalTrainer
 from flq.log import QUIET_ENV
 from flq.master.checkpoint import load_checkpoint
 from flq.master.daemon import MasterDaemon, MasterOptions
 from flq.master.federation import Federation, build_federation
 from flq.master.results import read_rounds
+from flq.types import TrainSpec
 from flq.worker.training import build_trainer
 from tests.loopback import connect_workers
 

@@ -29,6 +29,7 @@ from flq.pb import flq_pb2 as pb
 from flq.pb import flq_pb2_grpc as pb_grpc
 from flq.security import admin_metadata, channel_credentials, load_client_tls, worker_metadata
 from flq.synthetic import SyntheticProblem, SyntheticTrainer
+from flq.types import PROTOCOL_VERSION
 from flq.worker.connection import Backoff, FatalConnectionError, run_connected
 from flq.worker.session import SessionEnd, SessionOptions, WorkerState
 from tests.loopback import start_synthetic_master
@@ -295,7 +296,7 @@ def test_a_hello_with_another_id_than_the_token_is_refused(secure_master: Any, c
             call = pb_grpc.FLQStub(channel).Session(
                 metadata=worker_metadata("w0", worker_token(certs, "w0"))
             )
-            hello = pb.Hello(worker_id="w1", protocol_version=serde.PROTOCOL_VERSION)
+            hello = pb.Hello(worker_id="w1", protocol_version=PROTOCOL_VERSION)
             await call.write(pb.WorkerMessage(hello=hello))
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 async for _ in call:
@@ -410,7 +411,7 @@ def _bad_token_attempt(stub: pb_grpc.FLQStub, token: str, extra: int) -> Any:
 
     async def attempt() -> grpc.StatusCode:
         call = stub.Session(metadata=worker_metadata("w0", token))
-        hello = pb.Hello(worker_id="w0", protocol_version=serde.PROTOCOL_VERSION)
+        hello = pb.Hello(worker_id="w0", protocol_version=PROTOCOL_VERSION)
         bulky = pb.Hello(worker_id="w0", device=pb.DeviceInfo(platform="p" * 256_000))
         try:
             await call.write(pb.WorkerMessage(hello=hello))

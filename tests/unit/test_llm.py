@@ -14,14 +14,13 @@ from flq.master.llm import (
     AnswerRejected,
     ContributorFacts,
     build_prompt,
-    compact_weights,
     facts_for,
     loss_trend,
-    one_line,
     parse_answer,
     response_schema,
 )
 from flq.master.registry import WorkerRecord
+from flq.master.results import compact_weights, one_line
 from flq.master.state import AlgorithmSettings, MasterState, WeightDecision
 from flq.types import DeviceInfo, Location
 

@@ -14,6 +14,7 @@ from flq.codec import Codec
 from flq.codec.chunks import MAX_CHUNK_BYTES, TensorChunk
 from flq.pb import flq_pb2 as pb
 from flq.types import (
+    PROTOCOL_VERSION,
     Decision,
     DeviceInfo,
     EvalResult,
@@ -49,7 +50,7 @@ CHUNK = TensorChunk(
 WORKER_MESSAGES = [
     Hello(
         worker_id="w3",
-        protocol_version=serde.PROTOCOL_VERSION,
+        protocol_version=PROTOCOL_VERSION,
         num_samples=450,
         device=DeviceInfo("orin-1", "Linux-aarch64", "cuda:Orin", 8192, "3.10.12", "0.1.0"),
         location=Location(latitude=48.1, longitude=11.5, site="lab-2"),

@@ -372,8 +372,8 @@ def use_baseline_master() -> None:
     import io
     import tempfile as _tempfile
 
+    import flq.master.bookkeeper as bookkeeper
     import flq.master.checkpoint as checkpoint
-    import flq.master.loop as loop
     import flq.master.servicer as servicer
 
     async def send_payload_per_worker(self: Any, payload: Any) -> int:
@@ -395,7 +395,7 @@ def use_baseline_master() -> None:
         os.replace(tmp, target)
 
     servicer.GrpcWorkerLink.send_payload = send_payload_per_worker  # type: ignore[method-assign]
-    loop.save_checkpoint = save_via_bytesio  # type: ignore[assignment]
+    bookkeeper.save_checkpoint = save_via_bytesio  # type: ignore[assignment]
 
 
 def cell_main(args: argparse.Namespace) -> int:

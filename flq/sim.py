@@ -18,9 +18,9 @@ import structlog
 
 from flq.config import Config
 from flq.link import LinkClosed, PayloadCache
+from flq.master.bookkeeper import RoundBookkeeper
 from flq.master.driver import RoundDriver, RoundFinished, StopRules
 from flq.master.federation import Federation, build_federation
-from flq.master.loop import RoundBookkeeper
 from flq.memlink import memory_link_pair, wire_size
 from flq.types import Shutdown
 from flq.worker.session import SessionOptions, Trainer, WorkerState, run_session

@@ -17,8 +17,8 @@ import structlog
 from flq.codec import EncodedTensor, encode_float32
 from flq.config import Config
 from flq.link import LinkClosed, ProtocolViolation, WorkerLink
+from flq.master.bookkeeper import RoundBookkeeper
 from flq.master.federation import Federation
-from flq.master.loop import RoundBookkeeper
 from flq.metrics import MasterMetrics, MasterSources
 from flq.types import ModelInfo, Shutdown, StatusReply, WorkerStatus
 

@@ -24,10 +24,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from flq import notify
 from flq.config import Config
 from flq.grpc_options import SERVER_OPTIONS, SERVICE_NAME
+from flq.master.bookkeeper import RoundBookkeeper
 from flq.master.control import ControlPlane
 from flq.master.driver import RoundDriver, StopRules
 from flq.master.federation import Federation, build_federation
-from flq.master.loop import RoundBookkeeper
 from flq.master.outcome import RoundOutcome
 from flq.master.servicer import FLQServicer
 from flq.metrics import MetricsServer

@@ -14,8 +14,8 @@ from typing import Any
 
 import structlog
 
+from flq.master.bookkeeper import RoundBookkeeper
 from flq.master.engine import RoundEngine
-from flq.master.loop import RoundBookkeeper
 from flq.master.outcome import RoundOutcome
 
 log = structlog.get_logger("flq.master")

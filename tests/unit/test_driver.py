@@ -12,9 +12,9 @@ import pytest
 import structlog
 
 from flq.config import default_config, with_overrides
+from flq.master.bookkeeper import RoundBookkeeper
 from flq.master.driver import RoundDriver, StopRules
 from flq.master.federation import build_federation
-from flq.master.loop import RoundBookkeeper
 
 
 class _Evaluation:

@@ -25,6 +25,9 @@ CLIENT_OPTIONS: list[tuple[str, int]] = [
 ]
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
+    # gRPC sets SO_REUSEPORT by default: a second master on our port would bind beside us and
+    # share the connections. Off, binding an occupied port fails ("address in use", exit 2).
+    ("grpc.so_reuseport", 0),
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),

@@ -50,6 +50,9 @@ def _exit_code(error: Exception) -> int | None:
         return EXIT_DATA
     if type(error).__name__ == "CertsError":  # flq certs: bad ids, a file it will not overwrite
         return EXIT_USAGE
+    # The master cannot start as asked (port in use, results directory, --resume's checkpoint).
+    if type(error).__name__ in ("StartupError", "CheckpointError"):
+        return EXIT_USAGE
     if type(error).__name__ == "FatalConnectionError":  # the master refused this worker
         return EXIT_REFUSED
     return None

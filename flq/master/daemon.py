@@ -30,6 +30,7 @@ from flq.master.driver import RoundDriver, StopRules
 from flq.master.federation import Federation, build_federation
 from flq.master.outcome import RoundOutcome
 from flq.master.servicer import FLQServicer
+from flq.master.startup import StartupError, listen_problem
 from flq.metrics import MetricsServer
 from flq.pb import flq_pb2_grpc as pb_grpc
 from flq.security import MasterSecurity, load_master_security, server_credentials
@@ -88,6 +89,7 @@ class MasterDaemon:
         self._install_signal_handlers()
         watchdog = notify.start_watchdog()  # systemd's WatchdogSec: pings from this loop
         self._security = load_master_security(self.cfg.security)  # bad files fail fast
+        self._server = self._bind_server(self._security)  # a taken port too, before TF loads
         federation = await asyncio.to_thread(self.options.federation_factory, self.cfg)
         books = RoundBookkeeper(federation, self.run_dir, resume=self.options.resume)
         self.control.attach(federation, books)
@@ -133,21 +135,29 @@ class MasterDaemon:
             f"accuracy {books.last_accuracy:.4f}"
         )
 
-    async def _start_server(self) -> None:
-        security = self._security or load_master_security(self.cfg.security)
+    def _bind_server(self, security: MasterSecurity) -> grpc.aio.Server:
+        """The gRPC server with its services, bound to its port (serving from _start_server)."""
         server = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_FLQServicer_to_server(FLQServicer(self.control, security.auth), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         host = self.options.host or self.cfg.system.master_host
         port = self.cfg.system.master_port if self.options.port is None else self.options.port
-        if security.tls is not None:
-            self.port = server.add_secure_port(f"{host}:{port}", server_credentials(security.tls))
-        else:
-            self.port = server.add_insecure_port(f"{host}:{port}")
+        try:
+            if security.tls is not None:
+                credentials = server_credentials(security.tls)
+                self.port = server.add_secure_port(f"{host}:{port}", credentials)
+            else:
+                self.port = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:  # grpc says only "Failed to bind"
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {host}:{port} (address in use?)")
-        await server.start()
-        self._server = server
+            raise StartupError(f"cannot listen on {host}:{port}: {listen_problem(host, port)}")
+        return server
+
+    async def _start_server(self) -> None:
+        assert self._server is not None and self._security is not None
+        security, host = self._security, self.options.host or self.cfg.system.master_host
+        await self._server.start()
         self._start_metrics()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -121,3 +121,26 @@ def test_a_worker_stopped_mid_training_exits_promptly(
     assert worker.wait(20) == 0
     assert time.monotonic() - stopped < 5.0
     assert '"worker stopped"' in worker_log.read_text()
+
+
+def test_a_second_master_on_a_taken_port_exits_2_naming_the_port(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    config = synthetic_config(tmp_path / "cfg.toml")
+    port = free_port()
+    first_log = tmp_path / "first.log"
+    first = spawn(master_args(config, port, tmp_path / "first"), first_log)
+    processes.append(first)
+    wait_until(lambda: "master listening" in first_log.read_text(), 60, "the first master")
+    second = subprocess.run(
+        [sys.executable, "-m", *master_args(config, port, tmp_path / "second")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **QUIET_ENV, "COLUMNS": "200"},
+    )
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: address in use" in second.stderr
+    assert "master listening" not in second.stdout + second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.poll() is None  # the first one serves on

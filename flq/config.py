@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
+from flq.errors import UsageError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # JetPack 6 ships Python 3.10; tomli is tomllib's backport (a 3.10-only dependency)
@@ -44,7 +46,7 @@ URL_SCHEMES = ("http", "grpc")  # the scheme is decoration: the transport is alw
 _RULE_KEY = "flq"  # where a field's Rule lives in its dataclass metadata
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config file, dict or override is wrong; the message names the source, key and fix."""
 
 

@@ -25,6 +25,7 @@ import grpc
 import structlog
 
 from flq.config import SecurityConfig
+from flq.errors import UsageError
 from flq.serde import WireError, identifier
 
 log = structlog.get_logger("flq.security")
@@ -38,7 +39,7 @@ DEFAULT_ADMIN_TOKEN_ENV = "FLQ_ADMIN_TOKEN"
 OK, UNAUTHENTICATED, PERMISSION_DENIED = "OK", "UNAUTHENTICATED", "PERMISSION_DENIED"
 
 
-class SecurityError(ValueError):
+class SecurityError(UsageError, ValueError):
     """A certificate, key, tokens file or token is missing or malformed; says which file."""
 
 

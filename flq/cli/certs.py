@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from flq.cli.errors import handle_errors
+from flq.errors import UsageError
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -41,7 +42,7 @@ TOKEN_BYTES = 32
 WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class CertsError(ValueError):
+class CertsError(UsageError, ValueError):
     """Bad arguments or a file that would be overwritten (exit code 2, see flq/cli/errors.py)."""
 
 

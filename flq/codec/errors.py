@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from flq.errors import UsageError
 
-class CodecError(ValueError):
+
+class CodecError(UsageError, ValueError):
     """A tensor, payload or chunk that cannot be encoded or decoded.
 
     The message names the field, the value got and the value expected, e.g.

@@ -19,6 +19,8 @@ from typing import Final
 
 import numpy as np
 
+from flq.errors import DataUnavailable
+
 DATASETS: Final = ("digits", "fashion-mnist", "mnist", "npz")
 
 DEFAULT_DIRS: Final = {
@@ -48,7 +50,7 @@ DIGITS_MAX_PIXEL: Final = 16.0
 BYTE_MAX_PIXEL: Final = 255.0
 
 
-class DataError(RuntimeError):
+class DataError(DataUnavailable, RuntimeError):
     """A dataset is missing or unreadable; the message names the file and how to get it."""
 
 

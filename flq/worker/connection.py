@@ -27,6 +27,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flq import serde
+from flq.errors import Refused
 from flq.grpc_options import CLIENT_OPTIONS, SERVICE_NAME
 from flq.link import LinkClosed, MasterLink, ReceivedByWorker
 from flq.pb import flq_pb2_grpc as pb_grpc
@@ -60,7 +61,7 @@ HEALTH_POLL_S = 1.0  # how often a waiting worker asks whether the master serves
 SERVING_JITTER_S = 3.0  # once it does, redial after a uniform draw from [0, this]
 
 
-class FatalConnectionError(RuntimeError):
+class FatalConnectionError(Refused, RuntimeError):
     """The master refused us for a reason retrying cannot fix."""
 
 

@@ -28,10 +28,10 @@ from typer.testing import CliRunner
 
 from flq import serde
 from flq.cli.certs import init_directory
-from flq.cli.errors import EXIT_REFUSED, EXIT_UNREACHABLE
 from flq.cli.main import app
 from flq.config import Config, default_config, with_overrides
 from flq.demo import free_port
+from flq.errors import EXIT_REFUSED, EXIT_UNREACHABLE
 from flq.learning.data import DatasetSpec
 from flq.log import QUIET_ENV
 from flq.master.checkpoint import load_checkpoint

@@ -157,6 +157,24 @@ class SystemConfig:
         default=60.0,
         metadata=rule("Per-round deadline (s); a worker that misses it fails that round.", above=0),
     )
+    offer_quorum: float = field(
+        default=0.5,
+        metadata=rule(
+            "Share of the round's workers whose offers make a quorum: once it is in and the "
+            "grace has passed, selection goes ahead without the rest (their later offers are "
+            "denied 'late'); 1 = wait for every offer (at most 80 % of round_timeout_s).",
+            above=0,
+            maximum=1,
+        ),
+    )
+    offer_grace_s: float = field(
+        default=2.0,
+        metadata=rule(
+            "After the quorum, wait at least this long (s) for the other offers, or as long "
+            "again as the quorum took if that is longer.",
+            minimum=0,
+        ),
+    )
     connect_timeout_s: float = field(
         default=120.0,
         metadata=rule("How long (s) the master waits for min_workers to connect.", above=0),

@@ -32,7 +32,7 @@ from flq.types import Decision, MasterMessage, UploadOffer, Welcome, WorkerMessa
 prometheus_client.disable_created_metrics()
 
 MASTER_STATES = ("starting", "waiting", "training", "stopping", "finished")
-ROUND_OUTCOMES = ("participants", "selected", "skipped", "denied", "failed")
+ROUND_OUTCOMES = ("participants", "selected", "skipped", "denied", "failed", "refused")
 # A round is one minibatch on a small board (~0.1 s) up to minutes of local epochs.
 ROUND_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -101,6 +101,7 @@ class RoundLike(Protocol):
     denied: dict[str, str]
     failed: dict[str, str]
     rejected: dict[str, str]
+    refused: dict[str, str]
     uplink_bits: int
     downlink_bits: int
     wire_bytes: int
@@ -151,7 +152,8 @@ class MasterMetrics:
         )
         self.worker_outcomes = Counter(
             "flq_master_worker_outcomes",
-            "Worker-rounds by outcome (selected, skipped = lazy, denied = budget, failed).",
+            "Worker-rounds by outcome (selected, skipped = lazy, denied = budget or late, failed; "
+            "refused = an upload refused by screening or a non-finite step, also failed).",
             ["outcome"],
             registry=r,
         )
@@ -205,6 +207,7 @@ class MasterMetrics:
             "skipped": len(outcome.skipped),
             "denied": len(outcome.denied),
             "failed": len(outcome.failed),
+            "refused": len(outcome.refused),  # uploads refused (screen, non-finite step)
         }
         for name, count in counts.items():
             self.round_workers.labels(name).set(count)

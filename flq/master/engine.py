@@ -9,15 +9,15 @@ this module only sequences it and counts what crosses the wire.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
 
-from flq.algorithm import Offer, normalise, select_uploads
+from flq.algorithm import Offer, Selection, normalise, select_uploads
 from flq.codec import CodecError, EncodedTensor, Reassembler
 from flq.link import LinkClosed, ProtocolViolation, WorkerLink
 from flq.master.handshake import check_hello, reconcile_references, welcome_for
@@ -40,7 +40,8 @@ from flq.types import (
 )
 
 log = structlog.get_logger("flq.master")
-T = TypeVar("T")
+OFFER_SHARE = 0.8  # offers are taken for at most this share of the round; the rest is for uploads
+RESET_SEND_S = 1.0  # how long a ResetReference may take to send before the round moves on
 
 __all__ = ["EngineSettings", "RoundEngine", "RoundOutcome"]
 
@@ -53,6 +54,8 @@ class EngineSettings:
     by_sample_share: bool = False  # rank offers by energy * (sample share)^2
     round_timeout_s: float = 60.0
     hello_timeout_s: float = 30.0
+    offer_quorum: float = 0.5  # share of the round's workers whose offers make a quorum
+    offer_grace_s: float = 2.0  # least wait for the rest once the quorum is in
 
 
 class _Failure(Exception):
@@ -61,6 +64,88 @@ class _Failure(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+@dataclass(eq=False)
+class _WorkerRound:
+    """What one worker's task learnt in this round; only that task writes it."""
+
+    record: WorkerRecord
+    offer: UploadOffer | None = None
+    skipped: bool = False  # answered with Skip: present, but nothing to offer
+    in_time: bool = False  # offered before the cut-off
+    grant_sent: bool = False  # a grant may have reached it, so its reference may move
+    upload: list[EncodedTensor] | None = None
+    wire_bytes: int = 0
+    downlink_bits: int = 0
+
+
+@dataclass(eq=False)
+class _OfferCutoff:
+    """When the round stops waiting for offers: at the earliest of
+    - every worker has offered (or its task ended: it left, failed or broke the protocol);
+    - a quorum has offered and a grace period has passed since: max(grace_s, the time the
+      quorum took), so stragglers get as long again as the quorum needed, and at least grace_s;
+    - `latest` (OFFER_SHARE of the round's time), with whatever offers are in hand.
+    Offers after the cut-off are answered "late"; `selection` is the round's one decision."""
+
+    expected: int
+    quorum: int
+    grace_s: float
+    started: float
+    latest: float
+    offers: dict[WorkerRecord, UploadOffer] = field(default_factory=dict)
+    ended: int = 0  # tasks finished without an offer in time
+    quorum_at: float | None = None
+    closed: bool = False
+    selection: asyncio.Future[Selection] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def offer(self, record: WorkerRecord, offer: UploadOffer) -> bool:
+        """Take an offer; False if it came after the cut-off."""
+        if self.closed:
+            return False
+        self.offers[record] = offer
+        if self.quorum_at is None and len(self.offers) >= self.quorum:
+            self.quorum_at = asyncio.get_running_loop().time()
+        self._changed.set()
+        return True
+
+    def watch(self, task: asyncio.Future[None], record: WorkerRecord) -> None:
+        task.add_done_callback(lambda _: self.task_done(record))
+
+    def task_done(self, record: WorkerRecord) -> None:
+        """A worker's task ended; without an offer in hand there is nothing more to wait for."""
+        if record not in self.offers:
+            self.ended += 1
+        self._changed.set()
+
+    def _left(self, now: float) -> float:
+        """Seconds until the cut-off (0: now)."""
+        if len(self.offers) + self.ended >= self.expected or now >= self.latest:
+            return 0.0
+        if self.quorum_at is None:
+            return self.latest - now
+        grace = max(self.grace_s, self.quorum_at - self.started)
+        return max(0.0, min(self.quorum_at + grace, self.latest) - now)
+
+    async def wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            left = self._left(loop.time())
+            if left <= 0:
+                return
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    def close(self, selection: Selection) -> None:
+        self.closed = True
+        self.selection.set_result(selection)
 
 
 class RoundEngine:
@@ -116,87 +201,127 @@ class RoundEngine:
 
         1. send every connected worker the global model (quantized against its reference);
         2. collect one offer per worker: wants to upload, at what cost in bits, with what energy;
-        3. select uploads under the top-k / bit-budget rule and tell every worker its decision;
-        4. collect the granted uploads; a granted upload that never arrived resets that
-           worker's reference on both sides;
-        5. store the uploads, add the round to the registry's counters, ask the weight advisor
-           (if any) and step the global model with every stored contribution.
+        3. at the offer cut-off, select uploads under the top-k / bit-budget rule among the
+           offers in hand and tell every worker its decision (a later offer is denied "late");
+        4. collect the granted uploads; any grant whose upload is not applied (lost, refused,
+           or dropped from a non-finite step) resets that worker's reference on both sides;
+        5. store the uploads (screened), add the round to the registry's counters, ask the
+           weight advisor (if any) and step the global model with every counting contribution.
 
-        Each phase runs all workers concurrently under one deadline; a worker that misses it,
-        leaves or breaks the protocol fails this round alone (`outcome.failed`).
+        Each worker moves through the round in its own task, so no worker waits on another's
+        messages; the only shared moment is the cut-off (`_OfferCutoff`: every offer in, or a
+        quorum in and a grace period over). A worker that is silent, leaves or breaks the
+        protocol fails this round alone (`outcome.failed`); docs/architecture.md has the rule.
         """
         round_id = self.state.round
         started = time.perf_counter()
-        deadline = asyncio.get_running_loop().time() + self.settings.round_timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.round_timeout_s
         records = self.registry.connected()
         outcome = RoundOutcome(round=round_id, participants=[r.worker_id for r in records])
-
         prepared = PreparedRound(
             round_id,
             self.state.downlink.prepare(self.state.weights),
             self.settings.round_config,
             self.state.lazy_scalar,
         )
-        sent = await self._each(
-            records, lambda r: self._send_round_start(r, prepared, outcome), deadline, outcome
+        cutoff = _OfferCutoff(
+            expected=len(records),
+            quorum=self._quorum(len(records)),
+            grace_s=self.settings.offer_grace_s,
+            started=loop.time(),
+            latest=loop.time() + OFFER_SHARE * self.settings.round_timeout_s,
         )
-        offers = await self._each(
-            sent, lambda r: self._recv_offer(r, round_id, outcome), deadline, outcome
-        )
-        granted = self._select(offers, outcome)
-        decided = await self._each(
-            list(offers), lambda r: self._send_decision(r, granted, outcome), deadline, outcome
-        )
-        uploaders = [r for r in decided if r.worker_id in granted]
-        uploads = await self._each(
-            uploaders, lambda r: self._recv_upload(r, round_id, outcome), deadline, outcome
-        )
-        await self._reset_lost_uploads(uploaders, uploads, outcome)
-        self._apply(uploads, outcome)
-        self.registry.record_round(outcome)
-        decision = await self._advise(round_id, outcome)
-        self._step(offers, outcome, decision)
-        outcome.seconds = time.perf_counter() - started
-        self.state.round += 1
-        return outcome
-
-    async def _each(
-        self,
-        records: Sequence[WorkerRecord],
-        step: Callable[[WorkerRecord], Awaitable[T]],
-        deadline: float,
-        outcome: RoundOutcome,
-    ) -> dict[WorkerRecord, T]:
-        """Run `step` for every worker concurrently until the deadline; failures are recorded."""
-        if not records:
-            return {}
-        loop = asyncio.get_running_loop()
-        tasks = {asyncio.ensure_future(step(r)): r for r in records}
+        parts = [_WorkerRound(r) for r in records]
+        tasks = {
+            asyncio.ensure_future(self._worker_round(p, prepared, round_id, cutoff)): p
+            for p in parts
+        }
+        for task, part in tasks.items():
+            cutoff.watch(task, part.record)
         try:
-            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+            await cutoff.wait()
+            cutoff.close(self._select(cutoff.offers, outcome))
+            in_round = [t for t, p in tasks.items() if p.in_time]
+            if in_round:
+                await asyncio.wait(in_round, timeout=max(0.0, deadline - loop.time()))
         finally:
             # Past the deadline, or the round itself cancelled (forced stop): no task outlives it.
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        results: dict[WorkerRecord, T] = {}
-        for task, record in tasks.items():
-            if task in pending:
-                self._fail(record, "deadline", outcome)
-                continue
-            error = task.exception()
-            if error is None:
-                results[record] = task.result()
-            elif isinstance(error, _Failure):
-                self._fail(record, error.reason, outcome)
-            elif isinstance(error, LinkClosed):
-                self._fail(record, "disconnected", outcome)
-            elif isinstance(error, ProtocolViolation):
-                await self._reject(record, error, outcome)
-                self._fail(record, f"rejected: {error.reason}", outcome)
-            else:
-                raise error
-        return results
+        for task, part in tasks.items():
+            await self._settle(task, part, outcome)
+        await self._reset(
+            [p.record for p in parts if p.grant_sent and p.upload is None],
+            "granted upload did not arrive",
+            outcome,
+        )
+        self._apply(parts, outcome)
+        self._note_presence(parts)
+        outcome.train_loss = _weighted_loss(cutoff.offers)
+        self.registry.record_round(outcome)
+        decision = await self._advise(round_id, outcome)
+        await self._step(outcome, decision)
+        outcome.seconds = time.perf_counter() - started
+        self.state.round += 1
+        return outcome
+
+    def _quorum(self, workers: int) -> int:
+        return max(1, math.ceil(self.settings.offer_quorum * workers)) if workers else 0
+
+    async def _worker_round(
+        self, part: _WorkerRound, prepared: PreparedRound, round_id: int, cutoff: _OfferCutoff
+    ) -> None:
+        """One worker's round, start to end, in its own task: model out, offer in, decision out,
+        upload in. Everything it learns goes into `part`; the coordinator reads it after."""
+        await self._send_round_start(part, prepared)
+        part.offer = await self._recv_offer(part, round_id)
+        part.in_time = cutoff.offer(part.record, part.offer)
+        if not part.in_time:
+            await self._send(part, self._decision(part.record.worker_id, False, "late"))
+            return
+        selection = await cutoff.selection
+        worker = part.record.worker_id
+        granted = worker in selection.granted
+        # Before the send: a send cut short by the deadline may still have reached the worker,
+        # and then its reference moves when it uploads. A grant never applied means a reset.
+        part.grant_sent = granted
+        reason = "granted" if granted else selection.denied.get(worker, "lazy")
+        await self._send(part, self._decision(worker, granted, reason))
+        if granted:
+            part.upload = await self._recv_upload(part, round_id)
+
+    def _decision(self, worker: str, granted: bool, reason: str) -> Decision:
+        version = self.state.store.version(worker) + (1 if granted else 0)
+        return Decision(
+            round=self.state.round, granted=granted, reason=reason, upload_ref_version=version
+        )
+
+    async def _settle(
+        self, task: asyncio.Future[None], part: _WorkerRound, outcome: RoundOutcome
+    ) -> None:
+        """Move what one worker's task learnt into the outcome; its failure, if any, too."""
+        worker = part.record.worker_id
+        outcome.wire_bytes += part.wire_bytes
+        outcome.downlink_bits += part.downlink_bits
+        if part.offer is not None:
+            outcome.train_losses[worker] = part.offer.train_loss
+            if not part.in_time:
+                outcome.denied[worker] = "late"
+        error = None if task.cancelled() else task.exception()
+        if task.cancelled():
+            why = "deadline" if part.offer is not None else "no offer by the cut-off"
+            self._fail(part.record, why, outcome)
+        elif isinstance(error, _Failure):
+            self._fail(part.record, error.reason, outcome)
+        elif isinstance(error, LinkClosed):
+            self._fail(part.record, "disconnected", outcome)
+        elif isinstance(error, ProtocolViolation):
+            await self._reject(part.record, error, outcome)
+            self._fail(part.record, f"rejected: {error.reason}", outcome)
+        elif error is not None:
+            raise error
 
     def _fail(self, record: WorkerRecord, reason: str, outcome: RoundOutcome) -> None:
         outcome.failed[record.worker_id] = reason
@@ -212,6 +337,9 @@ class RoundEngine:
             code=violation.code,
             reason=violation.reason,
         )
+        # Nothing a refused worker stored is reused; on its next Hello the versions differ,
+        # so both sides restart from zero, explicitly.
+        self.state.store.reset(record.worker_id)
         link = record.link
         if link is not None:
             self.registry.detach(link)
@@ -219,34 +347,37 @@ class RoundEngine:
 
     # ------------------------------------------------------------ phases
 
-    async def _send(self, record: WorkerRecord, message: object, outcome: RoundOutcome) -> None:
-        link = record.link
+    async def _send(self, part: _WorkerRound, message: object) -> None:
+        link = part.record.link
         if link is None:
             raise LinkClosed("not connected")
-        outcome.wire_bytes += await link.send(message)  # type: ignore[arg-type]
+        # Into the worker's own count, and only after the await: `total += await send()` in
+        # concurrent tasks reads the total before the await and loses the others' additions.
+        size = await link.send(message)  # type: ignore[arg-type]
+        part.wire_bytes += size
 
-    async def _send_round_start(
-        self, record: WorkerRecord, prepared: PreparedRound, outcome: RoundOutcome
-    ) -> None:
+    async def _send_round_start(self, part: _WorkerRound, prepared: PreparedRound) -> None:
+        record = part.record
         link = record.link
         if link is None:
             raise LinkClosed("not connected")
         payload = prepared.payload_for(record.download_version)
         sent_bytes = await link.send_payload(payload)  # awaited first: no lost update
-        outcome.wire_bytes += sent_bytes
-        outcome.downlink_bits += payload.bits
+        part.wire_bytes += sent_bytes
+        part.downlink_bits += payload.bits
         record.download_version = payload.version
 
     async def _next(
-        self, record: WorkerRecord, round_id: int, outcome: RoundOutcome, expected: tuple[type, ...]
+        self, part: _WorkerRound, round_id: int, expected: tuple[type, ...]
     ) -> WorkerMessage:
         """The worker's next message for this round; heartbeats and stale messages are absorbed."""
+        record = part.record
         link = record.link
         if link is None:
             raise LinkClosed("not connected")
         while True:
             received = await link.recv()
-            outcome.wire_bytes += received.wire_bytes
+            part.wire_bytes += received.wire_bytes
             record.seen()
             message = received.message
             if isinstance(message, Heartbeat | EvalResult):
@@ -272,19 +403,17 @@ class RoundEngine:
                 )
             return message
 
-    async def _recv_offer(
-        self, record: WorkerRecord, round_id: int, outcome: RoundOutcome
-    ) -> UploadOffer:
-        message = await self._next(record, round_id, outcome, (UploadOffer, Skip))
+    async def _recv_offer(self, part: _WorkerRound, round_id: int) -> UploadOffer:
+        message = await self._next(part, round_id, (UploadOffer, Skip))
         if isinstance(message, Skip):
+            part.skipped = True
             raise _Failure(f"worker skipped: {message.reason}")
         assert isinstance(message, UploadOffer)
         if message.wants_upload and message.cost_bits <= 0:
             raise ProtocolViolation("INVALID_ARGUMENT", "offer wants to upload with cost_bits 0")
-        outcome.train_losses[record.worker_id] = message.train_loss
         return message
 
-    def _select(self, offers: dict[WorkerRecord, UploadOffer], outcome: RoundOutcome) -> set[str]:
+    def _select(self, offers: dict[WorkerRecord, UploadOffer], outcome: RoundOutcome) -> Selection:
         shares = _sample_shares(offers) if self.settings.by_sample_share else {}
         candidates = [
             Offer(
@@ -307,39 +436,21 @@ class RoundEngine:
                 outcome.skipped.append(worker_id)
             else:
                 outcome.denied[worker_id] = reason
-        return set(selection.granted)
+        return selection
 
-    async def _send_decision(
-        self, record: WorkerRecord, granted: set[str], outcome: RoundOutcome
-    ) -> None:
-        worker = record.worker_id
-        ok = worker in granted
-        reason = "granted" if ok else outcome.denied.get(worker, "lazy")
-        await self._send(
-            record,
-            Decision(
-                round=self.state.round,
-                granted=ok,
-                reason=reason,
-                upload_ref_version=self.state.store.version(worker) + (1 if ok else 0),
-            ),
-            outcome,
-        )
-
-    async def _recv_upload(
-        self, record: WorkerRecord, round_id: int, outcome: RoundOutcome
-    ) -> list[EncodedTensor]:
+    async def _recv_upload(self, part: _WorkerRound, round_id: int) -> list[EncodedTensor]:
         shapes = [tuple(w.shape) for w in self.state.weights]
         reassembler = Reassembler(expected_shapes=shapes)
-        version = self.state.store.version(record.worker_id)
+        version = self.state.store.version(part.record.worker_id)
         while not reassembler.complete:
-            message = await self._next(record, round_id, outcome, (UpdateChunk,))
+            message = await self._next(part, round_id, (UpdateChunk,))
             assert isinstance(message, UpdateChunk)
             if message.upload_ref_version != version:
-                raise ProtocolViolation(
-                    "FAILED_PRECONDITION",
-                    f"upload against reference version {message.upload_ref_version}, "
-                    f"master holds {version}",
+                # Master and worker disagree about the reference: an honest worker can get
+                # here (a reset it has not read yet), so this ends in a reset, not a rejection.
+                raise _Failure(
+                    f"reference mismatch: upload against version {message.upload_ref_version}, "
+                    f"master holds {version}"
                 )
             try:
                 for chunk in message.tensors:
@@ -353,47 +464,59 @@ class RoundEngine:
             raise ProtocolViolation("INVALID_ARGUMENT", str(error)) from error
         return encoded
 
-    async def _reset_lost_uploads(
-        self,
-        uploaders: list[WorkerRecord],
-        uploads: dict[WorkerRecord, list[EncodedTensor]],
-        outcome: RoundOutcome,
+    async def _reset(
+        self, records: Sequence[WorkerRecord], reason: str, outcome: RoundOutcome
     ) -> None:
-        """A granted upload that never fully arrived: the worker may have advanced its reference,
-        the master has not. Reset both sides explicitly rather than let them drift apart."""
-        for record in uploaders:
-            if record in uploads:
-                continue
+        """Reset these workers' references on both sides: the master's copy now, the worker's by
+        a ResetReference (sent concurrently, each bounded: a frozen worker must not hold the
+        round; if the message never arrives, the versions differ at its next upload or Hello,
+        and that ends in a reset too)."""
+        if not records:
+            return
+        for record in records:
             self.state.store.reset(record.worker_id)
             log.warning(
-                "granted upload lost: reference reset",
+                "reference reset",
                 worker=record.worker_id,
-                reason=outcome.failed.get(record.worker_id, "?"),
+                reason=reason,
+                failure=outcome.failed.get(record.worker_id, ""),
             )
-            if record.link is not None:
-                try:
-                    await self._send(
-                        record,
-                        ResetReference(
-                            round=self.state.round,
-                            reason="granted upload did not arrive",
-                            upload_ref_version=0,
-                            download_ref_version=self.state.downlink.version,
-                        ),
-                        outcome,
-                    )
-                except LinkClosed:
-                    pass
+        message = ResetReference(
+            round=self.state.round,
+            reason=reason,
+            upload_ref_version=0,
+            download_ref_version=self.state.downlink.version,
+        )
+        parts = [_WorkerRound(r) for r in records if r.link is not None]
+        sends = [asyncio.wait_for(self._send(p, message), RESET_SEND_S) for p in parts]
+        await asyncio.gather(*sends, return_exceptions=True)
+        outcome.wire_bytes += sum(p.wire_bytes for p in parts)
 
-    def _apply(
-        self, uploads: dict[WorkerRecord, list[EncodedTensor]], outcome: RoundOutcome
-    ) -> None:
-        for record, encoded in sorted(uploads.items(), key=lambda item: item[0].worker_id):
+    def _apply(self, parts: Sequence[_WorkerRound], outcome: RoundOutcome) -> None:
+        """Store the arrived uploads; a refused one (flq.algorithm.screening) is recorded and its
+        worker reset in the store here, on the wire with the step's refusals."""
+        uploads = {p.record.worker_id: p.upload for p in parts if p.upload is not None}
+        refused = self.state.apply_uploads(uploads)
+        for worker_id, encoded in sorted(uploads.items()):
             bits = sum(e.cost_bits() for e in encoded)
-            self.state.store.apply_upload(record.worker_id, encoded)
-            outcome.upload_bits[record.worker_id] = bits
-            outcome.uplink_bits += bits
-            outcome.selected.append(record.worker_id)
+            outcome.uplink_bits += bits  # on the wire either way
+            if worker_id in refused:
+                outcome.refused[worker_id] = refused[worker_id]
+                outcome.failed[worker_id] = f"refused: {refused[worker_id]}"
+                continue
+            outcome.upload_bits[worker_id] = bits
+            outcome.selected.append(worker_id)
+
+    def _note_presence(self, parts: Sequence[_WorkerRound]) -> None:
+        """Workers that answered this round (an offer, even late, or a Skip) are present; a
+        contribution whose worker stayed away too long stops counting (flq.algorithm.store)."""
+        present = {p.record.worker_id for p in parts if p.offer is not None or p.skipped}
+        for worker_id in self.state.store.note_round(present):
+            log.warning(
+                "stale contribution no longer counts: worker absent",
+                worker=worker_id,
+                rounds=self.state.store.absent(worker_id),
+            )
 
     async def _advise(self, round_id: int, outcome: RoundOutcome) -> WeightDecision | None:
         """The advisor's weights for this round's contributors (None without an advisor)."""
@@ -406,21 +529,20 @@ class RoundEngine:
         ]
         return await advise_within(self.advisor, round_id, contributors)
 
-    def _step(
-        self,
-        offers: dict[WorkerRecord, UploadOffer],
-        outcome: RoundOutcome,
-        decision: WeightDecision | None,
-    ) -> None:
+    async def _step(self, outcome: RoundOutcome, decision: WeightDecision | None) -> None:
         samples = {r.worker_id: r.num_samples for r in self.registry.all()}
         step = self.state.step(samples, fresh=set(outcome.selected), decision=decision)
+        for worker_id, reason in step.refused.items():
+            outcome.refused[worker_id] = reason
+            outcome.failed[worker_id] = f"refused: {reason}"
+        refused = [self.registry.get(w) for w in sorted(outcome.refused)]
+        await self._reset([r for r in refused if r is not None], "contribution refused", outcome)
         outcome.weights = step.weights
         outcome.weights_source = step.source
         if decision is not None:
             outcome.llm_confidence = decision.confidence
             outcome.llm_reasoning = decision.reasoning
         outcome.lazy_scalar = self.state.lazy_scalar
-        outcome.train_loss = _weighted_loss(offers)
 
 
 def _sample_shares(offers: dict[WorkerRecord, UploadOffer]) -> dict[str, float]:

@@ -56,6 +56,8 @@ def engine_settings_from(cfg: Config) -> EngineSettings:
         up_budget_bits=cfg.budget_selection.up_budget_bits,
         by_sample_share=cfg.budget_selection.by_sample_share,
         round_timeout_s=cfg.system.round_timeout_s,
+        offer_quorum=cfg.system.offer_quorum,
+        offer_grace_s=cfg.system.offer_grace_s,
     )
 
 

@@ -16,6 +16,7 @@ class RoundOutcome:
     denied: dict[str, str] = field(default_factory=dict)  # wanted, but budget/top-k said no
     failed: dict[str, str] = field(default_factory=dict)  # worker -> why
     rejected: dict[str, str] = field(default_factory=dict)  # worker -> protocol status code
+    refused: dict[str, str] = field(default_factory=dict)  # worker -> why its upload was refused
     upload_bits: dict[str, int] = field(default_factory=dict)  # worker -> bits it uploaded
     train_losses: dict[str, float] = field(default_factory=dict)  # worker -> loss it offered
     uplink_bits: int = 0

@@ -44,6 +44,7 @@ EXTRA_COLUMNS = (
     "weights_used",  # "w0:0.31;w1:0.69": the normalised aggregation weights
     "llm_confidence",  # weighting = "llm": the answer's confidence (empty otherwise)
     "llm_reasoning",  # weighting = "llm": its reasoning, or why it fell back (one line)
+    "rejected",  # "w3:update norm ... > 10 x median ...": refused uploads and sessions, and why
 )
 COLUMNS = FIXED_COLUMNS + EXTRA_COLUMNS
 
@@ -74,6 +75,9 @@ def round_row(
         "weights_used": compact_weights(outcome.weights),
         "llm_confidence": _fmt(outcome.llm_confidence),
         "llm_reasoning": one_line(outcome.llm_reasoning),
+        "rejected": ";".join(
+            f"{w}:{why}" for w, why in sorted({**outcome.rejected, **outcome.refused}.items())
+        ),
     }
 
 

@@ -4,47 +4,27 @@ killed with signals, restarted with --resume."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from flq.demo import free_port
-from flq.log import QUIET_ENV
-from flq.master.results import read_rounds
+from tests.processes import (
+    complete_rounds,
+    master_args,
+    process_env,
+    spawn,
+    synthetic_config,
+    wait_until,
+    worker_args,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, **QUIET_ENV, "PYTHONUNBUFFERED": "1"}
-
-
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as handle:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", *args], stdout=handle, stderr=subprocess.STDOUT, env=_env()
-        )
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def _rounds(run_dir: Path) -> list[dict[str, str]]:
-    path = run_dir / "rounds.csv"
-    rows = read_rounds(path) if path.exists() else []
-    return [r for r in rows if None not in r.values()]  # skip a line caught mid-write
 
 
 @pytest.fixture
@@ -72,13 +52,13 @@ def test_demo_runs_a_real_federation_on_digits(tmp_path: Path) -> None:
             "--out",
             str(out),
         ],
-        env=_env(),
+        env=process_env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = _rounds(out)
+    rows = complete_rounds(out)
     assert [int(r["round"]) for r in rows] == list(range(1, 9))
     accuracy = [float(r["accuracy"]) for r in rows]
     assert accuracy[-1] > 0.5 and accuracy[-1] > accuracy[0]  # 10 classes: chance is 0.1
@@ -90,109 +70,53 @@ def test_demo_runs_a_real_federation_on_digits(tmp_path: Path) -> None:
     assert "final accuracy" in result.stdout
 
 
-def _master_args(config: Path, port: int, run_dir: Path) -> list[str]:
-    """`flq-master run` on 127.0.0.1:port with JSON logs (arguments for _spawn)."""
-    return [
-        "flq.cli.master",
-        "run",
-        "--config",
-        str(config),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--run-dir",
-        str(run_dir),
-        "--log-format",
-        "json",
-    ]
-
-
-def _synthetic_config(path: Path, rounds: int) -> Path:
-    path.write_text(f"""
-[system]
-total_workers = 3
-min_workers = 2
-max_rounds = {rounds}
-round_timeout_s = 3.0
-master_url = "http://127.0.0.1:0"
-[dataset]
-name = "synthetic"
-batch_size = 16
-synthetic_train_s = 0.2
-[model]
-lr = 0.05
-[flq_algorithm]
-mode = "bbit"
-b_up = 4
-b_down = 8
-[lazy_selection]
-thr_scale = 0.5
-warmup = 2
-""")
-    return path
-
-
 def test_killed_worker_fails_its_round_and_a_restarted_master_resumes(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    config = _synthetic_config(tmp_path / "cfg.toml", rounds=100_000)
+    config = synthetic_config(tmp_path / "cfg.toml", rounds=100_000)
     run_dir = tmp_path / "run"
     port = free_port()
-    master_args = _master_args(config, port, run_dir)
-    master = _spawn(master_args, tmp_path / "master.log")
+    args = master_args(config, port, run_dir)
+    master = spawn(args, tmp_path / "master.log")
     processes.append(master)
     workers = [
-        _spawn(
-            [
-                "flq.cli.worker",
-                "run",
-                "--master",
-                f"127.0.0.1:{port}",
-                "--worker-id",
-                f"w{i}",
-                "--config",
-                str(config),
-                "--heartbeat",
-                "0.5",
-                "--log-format",
-                "json",
-            ],
+        spawn(
+            worker_args(config, port, f"w{i}", "--heartbeat", "0.5"),
             tmp_path / f"worker-{i}.log",
         )
         for i in range(3)
     ]
     processes.extend(workers)
-    _wait_until(
-        lambda: any(r["fresh"].count("w") == 3 for r in _rounds(run_dir)),
+    wait_until(
+        lambda: any(r["fresh"].count("w") == 3 for r in complete_rounds(run_dir)),
         90,
         "a round where all three workers upload",
     )
 
     workers[2].send_signal(signal.SIGKILL)
     workers[2].wait()
-    _wait_until(
-        lambda: any("w2:" in r["failures"] for r in _rounds(run_dir)),
+    wait_until(
+        lambda: any("w2:" in r["failures"] for r in complete_rounds(run_dir)),
         30,
         "a round that records w2's failure",
     )
-    after_kill = len(_rounds(run_dir))
-    _wait_until(lambda: len(_rounds(run_dir)) >= after_kill + 3, 30, "rounds after the kill")
+    after_kill = len(complete_rounds(run_dir))
+    wait_until(lambda: len(complete_rounds(run_dir)) >= after_kill + 3, 30, "rounds after the kill")
 
     master.send_signal(signal.SIGKILL)
     master.wait()
-    checkpointed = max(int(r["round"]) for r in _rounds(run_dir))
-    resumed = _spawn([*master_args, "--resume"], tmp_path / "master.log")
+    checkpointed = max(int(r["round"]) for r in complete_rounds(run_dir))
+    resumed = spawn([*args, "--resume"], tmp_path / "master.log")
     processes.append(resumed)
-    _wait_until(
-        lambda: max(int(r["round"]) for r in _rounds(run_dir)) >= checkpointed + 5,
+    wait_until(
+        lambda: max(int(r["round"]) for r in complete_rounds(run_dir)) >= checkpointed + 5,
         90,
         "rounds after the restart",
     )
 
     resumed.send_signal(signal.SIGTERM)
     assert resumed.wait(30) == 0
-    rows = _rounds(run_dir)
+    rows = complete_rounds(run_dir)
     later = [r for r in rows if int(r["round"]) > checkpointed]
     assert int(later[0]["round"]) == checkpointed + 1, "resume continues after the checkpoint"
     # The two surviving workers came back by themselves and keep uploading.
@@ -211,32 +135,16 @@ def test_second_signal_abandons_the_round_and_leaves_a_valid_checkpoint(
 ) -> None:
     from flq.master.checkpoint import load_checkpoint
 
-    config = _synthetic_config(tmp_path / "cfg.toml", rounds=100_000)
+    config = synthetic_config(tmp_path / "cfg.toml", rounds=100_000)
     text = config.read_text().replace("synthetic_train_s = 0.2", "synthetic_train_s = 4.0")
     config.write_text(text.replace("round_timeout_s = 3.0", "round_timeout_s = 60.0"))
     run_dir = tmp_path / "run"
     port = free_port()
-    master = _spawn(_master_args(config, port, run_dir), tmp_path / "master.log")
+    master = spawn(master_args(config, port, run_dir), tmp_path / "master.log")
     processes.append(master)
     for i in range(2):
-        processes.append(
-            _spawn(
-                [
-                    "flq.cli.worker",
-                    "run",
-                    "--master",
-                    f"127.0.0.1:{port}",
-                    "--worker-id",
-                    f"w{i}",
-                    "--config",
-                    str(config),
-                    "--log-format",
-                    "json",
-                ],
-                tmp_path / f"worker-{i}.log",
-            )
-        )
-    _wait_until(lambda: len(_rounds(run_dir)) >= 1, 60, "the first round")
+        processes.append(spawn(worker_args(config, port, f"w{i}"), tmp_path / f"worker-{i}.log"))
+    wait_until(lambda: len(complete_rounds(run_dir)) >= 1, 60, "the first round")
     master.send_signal(signal.SIGTERM)  # waits for the round in flight (4 s of training)
     time.sleep(0.5)
     assert master.poll() is None, "the first signal lets the round finish"

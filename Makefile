@@ -14,7 +14,8 @@ DEMO_ARGS   ?=
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: help venv demo test lint format typecheck unit proto proto-check bench bench-codec \
-        bench-accuracy bench-laq bench-update-error bench-compare bench-rounds bench-scale bench-rss system-deps clean \
+        bench-accuracy bench-laq bench-update-error bench-compare bench-rounds bench-scale bench-rss bench-soak \
+        system-deps clean \
         compat
 
 help:
@@ -139,7 +140,13 @@ bench-scale: $(STAMP)
 bench-rss: $(STAMP) system-deps
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_rss --json docs/results/daemons/rss.json
 
-bench: bench-codec bench-compare bench-rounds bench-scale bench-rss bench-laq bench-update-error bench-accuracy
+# The fault soak of tests/integration/test_soak.py, longer: real daemons, every fault class.
+SOAK_ARGS ?= --duration 600 --seed 1
+bench-soak: $(STAMP)
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_soak $(SOAK_ARGS) --json docs/results/soak.json
+
+bench: bench-codec bench-compare bench-rounds bench-scale bench-rss bench-laq bench-update-error bench-accuracy \
+       bench-soak
 
 clean:
 	rm -rf $(VENV) $(PROTO_VENV) $(BENCH_VENV) $(COMPAT_VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -18,9 +18,9 @@ STILL_BREAKS = {
     "then they are rejected for a reference mismatch (releng)",
     "silent": "issue 10 #2/#3: a silent client makes every honest worker miss the deadline, "
     "then they are rejected for a reference mismatch (releng)",
-    "huge": "issue 10 #1: a granted upload of 1e38s is aggregated, the model becomes non-finite "
-    "and workers die on the next downlink (releng; #8 relproc)",
-    "garbage": "issue 10 #9: bytes that are not protobuf end the Session with status OK (relproc)",
+    "huge": "issue 10 #1: a granted upload of 1e38s is aggregated (the engine stores uploads "
+    "with store.apply_upload, not the screening state.apply_uploads) and spoils the model "
+    "(releng)",
     "master_kill": "issue 10 #6: a kill between the checkpoint and the rounds.csv row loses the "
     "row for good (relproc)",
 }

@@ -21,6 +21,7 @@ from flq.codec import EncodedTensor, encode_float32, group_chunks, split_tensors
 from flq.pb import flq_pb2 as pb
 from flq.security import worker_metadata
 from flq.types import (
+    PROTOCOL_VERSION,
     Decision,
     Heartbeat,
     Hello,
@@ -81,7 +82,7 @@ class RawSession:
         return serde.master_message_from_proto(response)
 
     async def hello(self) -> Welcome:
-        await self.send(Hello(self.worker_id, serde.PROTOCOL_VERSION, num_samples=64))
+        await self.send(Hello(self.worker_id, PROTOCOL_VERSION, num_samples=64))
         welcome = await self.recv()
         if not isinstance(welcome, Welcome):
             raise RuntimeError(f"expected Welcome, got {welcome!r}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flq.config import load_config
 from flq.master.checkpoint import load_checkpoint
-from flq.master.federation import synthetic_evaluation
+from flq.synthetic import SyntheticEvaluation, problem_for
 from tests.processes import complete_rounds
 from tests.soak.adversary import AdversaryResult, misbehave
 from tests.soak.fleet import Fleet, FleetSettings
@@ -89,7 +89,7 @@ class Soak:
         self.fleet = Fleet(directory, settings.fleet)
         self.rng = random.Random(settings.seed)
         cfg = load_config(self.fleet.config)
-        evaluation = synthetic_evaluation(cfg)
+        evaluation = SyntheticEvaluation(problem_for(cfg))
         initial_loss, _ = evaluation.evaluate(evaluation.initial_weights)
         # Twice the untrained model's loss: training only lowers it; a spoiled model blows it up.
         self.watcher = Watcher(self.fleet.run_dir, self.fleet.honest, 2.0 * initial_loss)

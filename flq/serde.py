@@ -494,6 +494,27 @@ def status_reply_from_proto(msg: pb.StatusReply) -> StatusReply:
     )
 
 
+def status_request() -> pb.StatusRequest:
+    return pb.StatusRequest()
+
+
+def stop_request(reason: str) -> pb.StopRequest:
+    return pb.StopRequest(reason=reason)
+
+
+def stop_reply_to_proto(accepted: bool, round_id: int) -> pb.StopReply:
+    return pb.StopReply(accepted=accepted, round=round_id)
+
+
+def stop_reply_from_proto(msg: pb.StopReply) -> tuple[bool, int]:
+    """(accepted, the last completed round)."""
+    return bool(msg.accepted), int(msg.round)
+
+
+def model_request() -> pb.ModelRequest:
+    return pb.ModelRequest()
+
+
 def model_chunk_to_proto(msg: ModelChunk) -> pb.ModelChunk:
     return pb.ModelChunk(round=msg.round, tensors=_chunks_to_proto(msg.tensors))
 

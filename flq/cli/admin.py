@@ -19,25 +19,27 @@ import json
 import math
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from flq.cli.errors import AccessRefused, AdminError, MasterUnreachable, handle_errors
+from flq.admin import (
+    ADMIN_TOKEN_ENV,
+    AdminClient,
+    AdminError,
+    AdminTarget,
+    MasterUnreachable,
+    run_admin,
+)
+from flq.cli.errors import handle_errors
 
 if TYPE_CHECKING:
-    import grpc
     import numpy as np
 
-    from flq.security import ClientTls
     from flq.types import StatusReply
 
-T = TypeVar("T")
-ADMIN_TOKEN_ENV = "FLQ_ADMIN_TOKEN"
 MODEL_SUFFIXES = (".npz", ".keras")
 
 # ---------------------------------------------------------------- options every command shares
@@ -74,16 +76,6 @@ TokenFileOpt = Annotated[
 TimeoutOpt = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the master.")]
 
 
-@dataclass(frozen=True)
-class AdminTarget:
-    """Where the master is and how to prove who we are."""
-
-    address: str
-    tls: ClientTls | None = None
-    token: str | None = None
-    timeout_s: float = 10.0
-
-
 def _target(
     master: str,
     tls_ca: Path | None,
@@ -104,113 +96,6 @@ def _target(
         token=client_token(token_file, ADMIN_TOKEN_ENV),
         timeout_s=timeout,
     )
-
-
-# ---------------------------------------------------------------- the client
-
-
-class AdminClient:
-    """The admin RPCs over one channel; gRPC failures become AdminError subclasses."""
-
-    def __init__(self, target: AdminTarget, channel: grpc.aio.Channel) -> None:
-        from flq.pb import flq_pb2_grpc as pb_grpc
-        from flq.security import admin_metadata
-
-        self.target = target
-        self._stub = pb_grpc.FLQStub(channel)
-        self._metadata = admin_metadata(target.token)
-
-    async def status(self) -> StatusReply:
-        from flq import serde
-        from flq.pb import flq_pb2 as pb
-
-        reply = await self._call(
-            self._stub.Status(
-                pb.StatusRequest(), metadata=self._metadata, timeout=self.target.timeout_s
-            )
-        )
-        return serde.status_reply_from_proto(reply)
-
-    async def stop(self, reason: str) -> tuple[bool, int]:
-        from flq.pb import flq_pb2 as pb
-
-        reply = await self._call(
-            self._stub.Stop(
-                pb.StopRequest(reason=reason),
-                metadata=self._metadata,
-                timeout=self.target.timeout_s,
-            )
-        )
-        return reply.accepted, reply.round
-
-    async def model(self) -> tuple[int, list[np.ndarray]]:
-        """The global model's round and float32 weights."""
-        from flq import serde
-        from flq.codec import Reassembler, decode
-        from flq.pb import flq_pb2 as pb
-
-        async def collect() -> tuple[int, list[np.ndarray]]:
-            call = self._stub.GetGlobalModel(
-                pb.ModelRequest(), metadata=self._metadata, timeout=self.target.timeout_s
-            )
-            reassembler = Reassembler()
-            round_id = 0
-            async for message in call:
-                chunk = serde.model_chunk_from_proto(message)
-                round_id = chunk.round
-                for tensor in chunk.tensors:
-                    reassembler.add(tensor)
-            return round_id, [decode(e) for e in reassembler.finish()]
-
-        return await self._call(collect())
-
-    async def _call(self, pending: Awaitable[T]) -> T:
-        import grpc
-
-        try:
-            return await pending
-        except grpc.aio.AioRpcError as error:
-            raise _admin_error(self.target.address, error.code(), error.details()) from None
-
-
-def _admin_error(address: str, code: grpc.StatusCode, details: str | None) -> AdminError:
-    import grpc
-
-    text = f"{code.name}: {details or 'no details'}"
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return MasterUnreachable(f"cannot reach the master at {address} ({text})")
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        return AccessRefused(
-            f"the master at {address} refused the request ({text}); pass --admin-token-file "
-            f"or set {ADMIN_TOKEN_ENV}"
-        )
-    return AdminError(f"the master at {address} answered {text}")
-
-
-@asynccontextmanager
-async def admin_client(target: AdminTarget) -> AsyncIterator[AdminClient]:
-    import grpc
-
-    from flq.grpc_options import CLIENT_OPTIONS
-    from flq.security import channel_credentials
-
-    channel = (
-        grpc.aio.secure_channel(target.address, channel_credentials(target.tls), CLIENT_OPTIONS)
-        if target.tls is not None
-        else grpc.aio.insecure_channel(target.address, CLIENT_OPTIONS)
-    )
-    try:
-        yield AdminClient(target, channel)
-    finally:
-        await channel.close()
-
-
-def run_admin(target: AdminTarget, action: Callable[[AdminClient], Awaitable[T]]) -> T:
-    async def main() -> T:
-        async with admin_client(target) as client:
-            return await action(client)
-
-    return asyncio.run(main())
 
 
 # ---------------------------------------------------------------- status

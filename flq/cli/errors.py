@@ -10,22 +10,10 @@ from typing import ParamSpec, TypeVar
 import typer
 from rich.console import Console
 
-from flq.errors import FlqError, Refused, Unreachable
+from flq.errors import FlqError
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-class AdminError(FlqError):
-    """An admin command failed; the message names the master's address."""
-
-
-class MasterUnreachable(AdminError, Unreachable):
-    pass
-
-
-class AccessRefused(AdminError, Refused):
-    pass
 
 
 _stderr = Console(stderr=True, highlight=False)

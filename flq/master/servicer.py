@@ -267,7 +267,7 @@ class FLQServicer(pb_grpc.FLQServicer):
     ) -> pb.StopReply:
         await self._admin_only(context, "Stop")
         round_id = self._control.request_stop(request.reason or "admin Stop RPC")
-        return pb.StopReply(accepted=True, round=round_id)
+        return serde.stop_reply_to_proto(True, round_id)
 
     async def GetGlobalModel(
         self,

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from structlog.testing import capture_logs
 
 from flq import serde
+from flq.admin import AdminTarget, admin_client
 from flq.codec import decode
 from flq.config import Config, default_config, with_overrides
 from flq.grpc_options import CLIENT_OPTIONS
@@ -26,7 +27,7 @@ from flq.master.results import read_rounds
 from flq.pb import flq_pb2 as pb
 from flq.pb import flq_pb2_grpc as pb_grpc
 from flq.synthetic import SyntheticProblem, SyntheticTrainer
-from flq.types import PROTOCOL_VERSION
+from flq.types import PROTOCOL_VERSION, StatusReply
 from tests.loopback import connect_workers, start_synthetic_master
 
 PROBLEM = SyntheticProblem(dim=40, samples_per_worker=64, seed=5)
@@ -161,9 +162,9 @@ def test_malformed_sessions_get_a_clear_status_and_change_nothing(
     assert status.state == "waiting"
 
 
-async def _status(port: int) -> pb.StatusReply:
-    async with await _channel(port) as channel:
-        return await pb_grpc.FLQStub(channel).Status(pb.StatusRequest())
+async def _status(port: int) -> StatusReply:
+    async with admin_client(AdminTarget(f"127.0.0.1:{port}")) as client:
+        return await client.status()
 
 
 def test_health_and_admin_rpcs(serving_master: Any) -> None:
@@ -174,7 +175,7 @@ def test_health_and_admin_rpcs(serving_master: Any) -> None:
             health = health_pb2_grpc.HealthStub(channel)
             reply = await health.Check(health_pb2.HealthCheckRequest(service="flq.v1.FLQ"))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            status = await pb_grpc.FLQStub(channel).Status(pb.StatusRequest())
+            status = await _status(daemon.port)
             assert status.mode == "bbit" and status.max_rounds == 6 and status.round == 0
             model = await _model(daemon.port)
             assert [m.shape for m in model] == [(PROBLEM.dim,), (1,)]

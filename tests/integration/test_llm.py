@@ -16,22 +16,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from structlog.testing import capture_logs
 
 from flq import serde
+from flq.admin import AdminTarget, admin_client
 from flq.config import Config, default_config, with_overrides
-from flq.grpc_options import CLIENT_OPTIONS
 from flq.log import QUIET_ENV
 from flq.master.federation import build_federation
 from flq.master.llm import BASE_URL_ENV, ContributorFacts, LlmSettings, LlmWeighting
 from flq.master.results import read_rounds
 from flq.pb import flq_pb2 as pb
-from flq.pb import flq_pb2_grpc as pb_grpc
 from flq.sim import simulate_async
 from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
-from flq.types import Location
+from flq.types import Location, StatusReply
 from flq.worker.connection import Backoff, run_connected
 from flq.worker.session import SessionOptions, WorkerState
 from tests.gemini_standin import (
@@ -284,10 +282,9 @@ def test_the_engine_aggregates_with_the_llm_weights_and_records_them(
     assert [r["weights_source"] for r in on_disk] == [r["weights_source"] for r in rows]
 
 
-async def _status(port: int) -> pb.StatusReply:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CLIENT_OPTIONS) as channel:
-        reply: pb.StatusReply = await pb_grpc.FLQStub(channel).Status(pb.StatusRequest())
-        return reply
+async def _status(port: int) -> StatusReply:
+    async with admin_client(AdminTarget(f"127.0.0.1:{port}")) as client:
+        return await client.status()
 
 
 def test_over_grpc_the_prompt_carries_what_workers_report_and_status_shows_the_weights(

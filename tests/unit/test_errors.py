@@ -6,8 +6,9 @@ import pytest
 import typer
 
 from flq import errors
+from flq.admin import AccessRefused, MasterUnreachable
 from flq.cli.certs import CertsError
-from flq.cli.errors import AccessRefused, MasterUnreachable, handle_errors
+from flq.cli.errors import handle_errors
 from flq.codec import CodecError
 from flq.config import ConfigError
 from flq.learning.data import DataError

@@ -152,24 +152,29 @@ def _set_unary(stream: np.ndarray, starts: np.ndarray, quotients: np.ndarray) ->
 def _codeword_tails(stream: np.ndarray, b: int, nnz: int) -> np.ndarray:
     """Index of the first bit after each codeword's unary terminator, for nnz codewords.
 
-    Each codeword's unary part ends at the first zero at or after its start; the next codeword
-    starts b + 1 bits after that. The walk is sequential, but each step is one lookup in a
-    "next zero at or after k" table, so it costs nnz list reads in Python, not a bit loop.
+    A codeword starting at bit k ends its unary part at the first zero at or after k, and the
+    next codeword starts b + 1 bits after that: next(k) = next_zero(k) + b + 2. The starts are
+    0, next(0), next(next(0)), ...; pointer doubling finds nnz of them in log2(nnz) vectorised
+    steps (each doubles the starts known and squares the jump table) instead of a walk.
     """
     size = stream.size
+    invalid = size + 1  # "no codeword can start here"; maps to itself
     zero_at = np.where(stream == 0, np.arange(size), size)
-    next_zero = np.minimum.accumulate(zero_at[::-1])[::-1].tolist()
-    tails = [0] * nnz
-    start = 0
-    for i in range(nnz):
-        if start >= size or next_zero[start] >= size:
-            raise CodecError(f"payload: ends inside codeword {i} of {nnz}")
-        tail = next_zero[start] + 1
-        tails[i] = tail
-        start = tail + b + 1
-    if start > size:
+    next_zero = np.append(np.minimum.accumulate(zero_at[::-1])[::-1], [size, size])
+    jump = np.minimum(next_zero + (b + 2), invalid)
+    jump[next_zero >= size] = invalid
+    starts = np.zeros(1, dtype=np.int64)
+    while starts.size < nnz:
+        starts = np.concatenate((starts, jump[starts]))
+        jump = jump[jump]
+    starts = starts[:nnz]
+    bad = np.flatnonzero(starts >= size)
+    if bad.size:
+        raise CodecError(f"payload: ends inside codeword {int(bad[0])} of {nnz}")
+    tails = next_zero[starts] + 1
+    if tails[-1] + b + 1 > size:
         raise CodecError(f"payload: ends inside codeword {nnz - 1} of {nnz}")
-    return np.asarray(tails, dtype=np.int64)
+    return tails
 
 
 # ---------------------------------------------------------------- tensors

@@ -176,8 +176,12 @@ class SystemConfig:
         ),
     )
     connect_timeout_s: float = field(
-        default=120.0,
-        metadata=rule("How long (s) the master waits for min_workers to connect.", above=0),
+        default=0.0,
+        metadata=rule(
+            "How long (s) the master waits for min_workers to be connected before a round, "
+            "then gives up (exit 6, naming the workers it saw); 0 = wait as long as it takes.",
+            minimum=0,
+        ),
     )
     seed: int = field(
         default=0, metadata=rule("Seed for partitioning, initialisation and sampling.", minimum=0)

@@ -11,6 +11,7 @@ EXIT_USAGE = 2  # bad config, bad option value, bad file: the user can fix the i
 EXIT_DATA = 3  # missing or corrupt data files
 EXIT_UNREACHABLE = 4  # the master could not be reached (down, wrong address, TLS handshake)
 EXIT_REFUSED = 5  # the master refused our token, certificate or protocol version
+EXIT_NO_WORKERS = 6  # the master gave up waiting for min_workers (system.connect_timeout_s)
 
 
 class FlqError(Exception):

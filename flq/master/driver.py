@@ -8,15 +8,18 @@ even when the round raises.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from flq.errors import EXIT_NO_WORKERS, FlqError
 from flq.master.bookkeeper import RoundBookkeeper
 from flq.master.engine import RoundEngine
 from flq.master.outcome import RoundOutcome
+from flq.master.registry import WorkerRecord
 
 log = structlog.get_logger("flq.master")
 RoundStarting = Callable[[int], None]
@@ -30,7 +33,16 @@ class StopRules:
     max_rounds: int
     target_accuracy: float = 0.0  # 0: no target
     min_workers: int = 0  # a round starts once this many workers are connected
-    connect_timeout_s: float = 60.0  # how often the wait for workers logs that it still waits
+    connect_timeout_s: float = 0.0  # give up waiting for them after this long; 0 = never
+
+
+WAITING_LOG_S = 60.0  # how often a wait for workers says that it still waits
+
+
+class WorkersMissing(FlqError):
+    """The master gave up waiting for min_workers (system.connect_timeout_s)."""
+
+    exit_code = EXIT_NO_WORKERS
 
 
 class RoundDriver:
@@ -80,11 +92,20 @@ class RoundDriver:
         return row
 
     async def _wait_for_workers(self) -> bool:
-        """True once `min_workers` are connected; False if a stop came first."""
+        """True once `min_workers` are connected; False if a stop came first. Raises
+        WorkersMissing once connect_timeout_s (if set) has passed without them."""
         registry, needed = self.engine.registry, self.rules.min_workers
+        limit = self.rules.connect_timeout_s
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + limit if limit > 0 else math.inf
         while not self.stop.is_set():
+            left = give_up_at - loop.time()
+            if left <= 0:
+                missing = _missing(registry.all(), needed, limit)
+                log.error("gave up waiting for workers", reason=missing)
+                raise WorkersMissing(missing)
             waiter = asyncio.create_task(
-                registry.wait_for_workers(needed, self.rules.connect_timeout_s)
+                registry.wait_for_workers(needed, min(WAITING_LOG_S, left))
             )
             stopper = asyncio.create_task(self.stop.wait())
             try:
@@ -101,3 +122,14 @@ class RoundDriver:
                 "still waiting for workers", connected=len(registry.connected()), needed=needed
             )
         return False
+
+
+def _missing(records: Sequence[WorkerRecord], needed: int, waited_s: float) -> str:
+    """What an operator needs when the master gives up: who is there, who was there."""
+    connected = [r.worker_id for r in records if r.connected]
+    gone = [r.worker_id for r in records if not r.connected]
+    return (
+        f"gave up after {waited_s:g} s (system.connect_timeout_s) waiting for {needed} workers: "
+        f"{len(connected)} connected ({', '.join(connected) or 'none'})"
+        + (f", seen before but gone: {', '.join(gone)}" if gone else "")
+    )

@@ -10,8 +10,10 @@ from __future__ import annotations
 import errno
 import socket
 
+from flq.errors import UsageError
 
-class StartupError(RuntimeError):
+
+class StartupError(UsageError, RuntimeError):
     """The master cannot start as asked; the message names the address or file and why."""
 
 

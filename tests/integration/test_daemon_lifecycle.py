@@ -144,3 +144,21 @@ def test_a_second_master_on_a_taken_port_exits_2_naming_the_port(
     assert "master listening" not in second.stdout + second.stderr
     assert "Traceback" not in second.stderr
     assert first.poll() is None  # the first one serves on
+
+
+def test_connect_timeout_gives_up_naming_the_workers_it_saw(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """Two workers are needed, one comes: after connect_timeout_s the master exits 6 and says
+    who was there."""
+    config = synthetic_config(tmp_path / "cfg.toml", min_workers=2, connect_timeout_s=10.0)
+    port = free_port()
+    master_log = tmp_path / "master.log"
+    master = spawn(master_args(config, port, tmp_path / "run"), master_log)
+    processes.append(master)
+    processes.append(spawn(worker_args(config, port, "w0"), tmp_path / "worker.log"))
+    assert master.wait(60) == 6
+    text = master_log.read_text()
+    assert "gave up after 10 s (system.connect_timeout_s) waiting for 2 workers" in text
+    assert "1 connected (w0)" in text
+    assert "Traceback" not in text

@@ -189,7 +189,7 @@ def test_defaults_match_the_specification() -> None:
     cfg = default_config()
     assert (cfg.system.total_workers, cfg.system.min_workers, cfg.system.max_rounds) == (4, 2, 30)
     assert (cfg.system.master_host, cfg.system.master_port) == ("127.0.0.1", 50051)
-    assert (cfg.system.round_timeout_s, cfg.system.connect_timeout_s) == (60.0, 120.0)
+    assert (cfg.system.round_timeout_s, cfg.system.connect_timeout_s) == (60.0, 0.0)
     assert (cfg.dataset.name, cfg.dataset.partition, cfg.dataset.dir_alpha) == (
         "digits",
         "iid",

@@ -13,7 +13,7 @@ import structlog
 
 from flq.config import default_config, with_overrides
 from flq.master.bookkeeper import RoundBookkeeper
-from flq.master.driver import RoundDriver, StopRules
+from flq.master.driver import RoundDriver, StopRules, WorkersMissing
 from flq.master.federation import build_federation
 
 
@@ -84,7 +84,7 @@ def test_stops_at_max_rounds_or_at_the_target_accuracy(make_driver: DriverFactor
 
 
 def test_a_stop_request_ends_the_wait_for_workers(make_driver: DriverFactory) -> None:
-    driver = make_driver([], StopRules(max_rounds=3, min_workers=2, connect_timeout_s=0.05))
+    driver = make_driver([], StopRules(max_rounds=3, min_workers=2))  # waits as long as it takes
 
     async def run() -> None:
         asyncio.get_running_loop().call_later(0.2, driver.stop.set)
@@ -92,3 +92,10 @@ def test_a_stop_request_ends_the_wait_for_workers(make_driver: DriverFactory) ->
 
     asyncio.run(run())
     assert driver.engine.state.round == 1  # no round ran without workers
+
+
+def test_the_wait_for_workers_gives_up_after_connect_timeout(make_driver: DriverFactory) -> None:
+    driver = make_driver([], StopRules(max_rounds=3, min_workers=2, connect_timeout_s=0.1))
+    with pytest.raises(WorkersMissing, match=r"gave up after 0.1 s .* 0 connected \(none\)"):
+        asyncio.run(driver.run())
+    assert driver.engine.state.round == 1

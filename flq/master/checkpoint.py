@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from flq.errors import UsageError
+
 META_KEY = "__meta__"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read; the message names the file."""
+class CheckpointError(UsageError, RuntimeError):
+    """A checkpoint that cannot be read or resumed from; the message names the file (exit 2)."""
 
 
 def _flatten(

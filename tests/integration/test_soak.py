@@ -14,13 +14,6 @@ pytestmark = pytest.mark.slow
 # Fault classes main does not survive yet, each with the defect (issue 10) that breaks it and who
 # is fixing it. A class leaves this table, and joins the soak, when its fix lands.
 STILL_BREAKS = {
-    "worker_stop": "issue 10 #2/#3: a frozen worker makes every honest worker miss the deadline, "
-    "then they are rejected for a reference mismatch (releng)",
-    "silent": "issue 10 #2/#3: a silent client makes every honest worker miss the deadline, "
-    "then they are rejected for a reference mismatch (releng)",
-    "huge": "issue 10 #1: a granted upload of 1e38s is aggregated (the engine stores uploads "
-    "with store.apply_upload, not the screening state.apply_uploads) and spoils the model "
-    "(releng)",
     "master_kill": "issue 10 #6: a kill between the checkpoint and the rounds.csv row loses the "
     "row for good (relproc)",
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,55 @@ def test_a_worker_past_the_deadline_fails_the_round_without_stalling_it(tmp_path
     assert all(r["failed"] >= 1 and "w2:no offer by the cut-off" in r["failures"] for r in rows)
     assert all(float(r["seconds"]) < 1.5 for r in rows)
     assert all(r["selected"] == 2 for r in rows)
+
+
+class _FreezesAfterOneRound:
+    """Trains once, then blocks (a frozen board) until `thaw` is set."""
+
+    def __init__(self, inner: SyntheticTrainer, thaw: threading.Event) -> None:
+        self.inner, self.thaw, self.calls = inner, thaw, 0
+
+    @property
+    def num_samples(self) -> int:
+        return self.inner.num_samples
+
+    def train(self, weights: list[np.ndarray], spec: TrainSpec) -> Any:
+        self.calls += 1
+        if self.calls > 1:
+            self.thaw.wait(30)
+        return self.inner.train(weights, spec)
+
+
+def test_a_frozen_workers_contribution_stops_counting_after_max_absent_rounds(
+    tmp_path: Path,
+) -> None:
+    """Before: a departed worker's one upload was reused in every later round (issue 10 #4)."""
+    cfg = make_config(
+        **{
+            "system.max_rounds": 6,
+            "system.offer_grace_s": 0.05,
+            "aggregation.max_absent_rounds": 2,
+        }
+    )
+    thaw = threading.Event()
+    trainers: list[Any] = [SyntheticTrainer(PROBLEM, i) for i in range(2)]
+    trainers.append(_FreezesAfterOneRound(SyntheticTrainer(PROBLEM, 2), thaw))
+    federation = build_federation(cfg, SyntheticEvaluation(PROBLEM))
+    rows: list[dict[str, Any]] = []
+
+    def on_round(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if row["round"] == cfg.system.max_rounds:
+            thaw.set()
+
+    asyncio.run(
+        simulate_async(cfg, tmp_path, on_round=on_round, trainers=trainers, federation=federation)
+    )
+    holders = [set(w.split(":")[0] for w in r["weights_used"].split(";")) for r in rows]
+    assert holders[0] == {"w0", "w1", "w2"}  # round 1: w2 uploads once
+    assert all("w2" in h for h in holders[1:3])  # absent 1 and 2 rounds: still counts
+    assert all(h == {"w0", "w1"} for h in holders[3:]), holders  # then it stops counting
+    assert federation.state.store.version("w2") == 1  # kept: no reset when it returns
 
 
 async def _master_with_one_raw_worker(cfg: Config) -> tuple[Federation, Any, Any]:

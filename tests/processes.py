@@ -89,16 +89,20 @@ def synthetic_config(
     round_timeout_s: float = 3.0,
     train_s: float = 0.2,
     lazy_c: int = 50,
+    min_workers: int = 2,
+    system: str = "",
     extra: str = "",
 ) -> Path:
-    """A bbit run of the numpy synthetic problem (no TensorFlow in any process)."""
+    """A bbit run of the numpy synthetic problem (no TensorFlow in any process); `system` adds
+    lines to [system], `extra` further sections."""
     path.write_text(f"""
 [system]
 total_workers = {workers}
-min_workers = 2
+min_workers = {min_workers}
 max_rounds = {rounds}
 round_timeout_s = {round_timeout_s}
 master_url = "http://127.0.0.1:0"
+{system}
 [dataset]
 name = "synthetic"
 batch_size = 16

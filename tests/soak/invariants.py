@@ -124,26 +124,35 @@ class Watcher:
             )
         fresh = set(filter(None, row["fresh"].split(";")))
         failures = parse_failures(row["failures"])
-        self._check_honest(round_id, fresh, failures)
-        spoiled = fresh & self.adversaries
+        refused = parse_failures(row.get("rejected") or "")
+        self._check_honest(round_id, fresh, failures, refused)
+        weighed = set(parse_failures(row["weights_used"]))
+        spoiled = ((fresh | weighed) & self.adversaries) | (fresh & set(refused))
         if spoiled:
             self.violate(
                 "no refused message reaches the model",
-                f"round {round_id}: uploads of {sorted(spoiled)} were aggregated",
+                f"round {round_id}: contributions of {sorted(spoiled)} were aggregated",
             )
 
-    def _check_honest(self, round_id: int, fresh: set[str], failures: dict[str, str]) -> None:
+    def _check_honest(
+        self, round_id: int, fresh: set[str], failures: dict[str, str], refused: dict[str, str]
+    ) -> None:
         for worker in self.honest:
             self.counts.honest_aggregated += worker in fresh
             why = failures.get(worker)
-            if why is not None and "reference version" in why:
+            if worker in refused or (why is not None and "rejected" in why):
+                detail = refused.get(worker) or why
+                self.violate(
+                    "no honest worker is rejected", f"round {round_id}: {worker}: {detail}"
+                )
+            watch = self.disturbed.get(worker)
+            if watch is None and why is not None and "reference" in why:
+                # After its own fault a worker may hold a reference the master reset: that
+                # ends in an explicit reset. A worker no fault touched must never disagree.
                 self.violate(
                     "master and worker references agree (or were explicitly reset)",
                     f"round {round_id}: {worker}: {why}",
                 )
-            elif why is not None and "rejected" in why:
-                self.violate("no honest worker is rejected", f"round {round_id}: {worker}: {why}")
-            watch = self.disturbed.get(worker)
             if watch is not None:
                 self.counts.honest_lost_to_own_fault += why is not None
                 self._advance_recovery(worker, watch, fresh)

@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Check and show FLQ config files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-# Admin RPCs (flq/cli/admin.py) and deployment secrets (flq/cli/certs.py).
+# Admin RPCs (flq/cli/admin.py) and deployment secrets (flq/cli/certs.py over flq/certs.py).
 app.command("status")(admin.status)
 app.command("stop")(admin.stop)
 app.add_typer(admin.model_app, name="model")

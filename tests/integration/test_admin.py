@@ -27,7 +27,7 @@ from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
 from flq import serde
-from flq.cli.certs import init_directory
+from flq.certs import init_directory
 from flq.cli.main import app
 from flq.config import Config, default_config, with_overrides
 from flq.demo import free_port

@@ -19,7 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from flq import serde
-from flq.cli.certs import init_directory
+from flq.certs import init_directory
 from flq.codec import Reassembler, decode
 from flq.config import Config, default_config, with_overrides
 from flq.grpc_options import CLIENT_OPTIONS

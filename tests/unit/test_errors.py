@@ -7,7 +7,7 @@ import typer
 
 from flq import errors
 from flq.admin import AccessRefused, MasterUnreachable
-from flq.cli.certs import CertsError
+from flq.certs import CertsError
 from flq.cli.errors import handle_errors
 from flq.codec import CodecError
 from flq.config import ConfigError

@@ -15,7 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
-from flq.cli.certs import CertsError, add_workers, init_directory
+from flq.certs import CertsError, add_workers, init_directory
 from flq.cli.main import app
 from flq.config import ConfigError, SecurityConfig, config_from_dict, default_config, with_overrides
 from flq.security import (

@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from flq import notify
 from flq.config import Config
 from flq.grpc_options import SERVER_OPTIONS, SERVICE_NAME
+from flq.master.auth import AuthInterceptor
 from flq.master.bookkeeper import RoundBookkeeper
 from flq.master.control import ControlPlane
 from flq.master.driver import RoundDriver, StopRules
@@ -137,8 +138,9 @@ class MasterDaemon:
 
     def _bind_server(self, security: MasterSecurity) -> grpc.aio.Server:
         """The gRPC server with its services, bound to its port (serving from _start_server)."""
-        server = grpc.aio.server(options=SERVER_OPTIONS)
-        pb_grpc.add_FLQServicer_to_server(FLQServicer(self.control, security.auth), server)
+        auth = AuthInterceptor(security.auth, self.control.count_rejected)
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[auth])
+        pb_grpc.add_FLQServicer_to_server(FLQServicer(self.control), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         host = self.options.host or self.cfg.system.master_host
         port = self.cfg.system.master_port if self.options.port is None else self.options.port

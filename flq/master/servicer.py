@@ -5,10 +5,10 @@ becomes a `GrpcWorkerLink`: one reader task per stream (grpc aio allows one read
 lock around writes, and the handler coroutine owns the stream's end — a rejection or close is
 signalled to it, and it ends the call with the right status.
 
-Authentication (flq/security.py) runs before any message of a call is read: a Session whose
-token is wrong ends UNAUTHENTICATED, one whose token belongs to another worker PERMISSION_DENIED,
-and an admin RPC without the admin token UNAUTHENTICATED. A Session bound to a worker id rejects
-a Hello that claims any other id.
+Authentication runs before any handler here, in the server's AuthInterceptor (flq/master/auth.py):
+a Session whose token is wrong ends UNAUTHENTICATED, one whose token belongs to another worker
+PERMISSION_DENIED, and an admin RPC without the admin token UNAUTHENTICATED. A Session bound to a
+worker id rejects a Hello that claims any other id.
 """
 
 from __future__ import annotations
@@ -25,17 +25,12 @@ from google.protobuf.message import DecodeError
 from flq import serde
 from flq.codec import EncodedTensor, group_chunks, split_tensors
 from flq.link import DownlinkPayload, LinkClosed, PayloadCache, ProtocolViolation, Received
+from flq.master.auth import authenticated_worker
 from flq.pb import flq_pb2 as pb
 from flq.pb import flq_pb2_grpc as pb_grpc
-from flq.security import Authenticator, AuthResult
 from flq.types import MasterMessage, ModelChunk, StatusReply
 
 log = structlog.get_logger("flq.master.servicer")
-# A refused Session is read until the caller pauses this long, at most REFUSAL_DRAIN_S, before
-# its status goes out (see _drain_briefly): long enough for a Hello in flight, too short for a
-# flood to hold the call.
-REFUSAL_PAUSE_S = 0.2
-REFUSAL_DRAIN_S = 1.0
 _sessions = itertools.count(1)
 
 
@@ -166,70 +161,21 @@ def _malformed(error: Exception) -> str:
     return str(error)
 
 
-async def _drain_briefly(context: grpc.aio.ServicerContext) -> None:
-    """Read (and drop) what a refused caller already sent, until it half-closes or pauses, for
-    at most REFUSAL_DRAIN_S. gRPC's Python client reports a write that races with the call's end
-    as INTERNAL and keeps that status instead of ours; a client that sends its Hello and then
-    listens has its write finished before we answer, so it reads the refusal we sent."""
-
-    async def drain() -> None:
-        while await asyncio.wait_for(context.read(), REFUSAL_PAUSE_S) is not grpc.aio.EOF:
-            pass
-
-    try:
-        await asyncio.wait_for(drain(), REFUSAL_DRAIN_S)
-    except (asyncio.TimeoutError, grpc.aio.AioRpcError):
-        pass
-
-
-def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    return {
-        key.lower(): value
-        for key, value in (context.invocation_metadata() or ())
-        if isinstance(value, str)
-    }
-
-
-def _cert_names(context: grpc.aio.ServicerContext) -> list[str]:
-    """Common names of the verified client certificate (mutual TLS), else []."""
-    names = context.auth_context().get("x509_common_name", [])
-    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
-
-
 class FLQServicer(pb_grpc.FLQServicer):
-    def __init__(self, control: MasterControl, auth: Authenticator | None = None) -> None:
+    """The FLQ service. Every call reaching a method here passed the AuthInterceptor
+    (flq/master/auth.py); a Session is bound to the worker id it authenticated as, if any."""
+
+    def __init__(self, control: MasterControl) -> None:
         self._control = control
-        self._auth = auth or Authenticator()
         # One cache for the server: every session of a round shares the payloads' conversion.
         self._round_starts: PayloadCache[WireForm] = PayloadCache(_wire_form)
-
-    async def _refuse(
-        self, context: grpc.aio.ServicerContext, rpc: str, result: AuthResult
-    ) -> None:
-        """Count, log (never the token) and end the call with the result's status."""
-        self._control.count_rejected(result.code.lower())
-        log.warning(
-            "call refused", rpc=rpc, peer=context.peer(), code=result.code, reason=result.reason
-        )
-        if rpc == "Session":  # the only call whose requests stream in after the headers
-            await _drain_briefly(context)
-        await context.abort(getattr(grpc.StatusCode, result.code), result.reason)
-
-    async def _admin_only(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
-        result = self._auth.check_admin(_metadata(context))
-        if not result.ok:
-            await self._refuse(context, rpc, result)
 
     async def Session(
         self,
         request_iterator: object,
         context: grpc.aio.ServicerContext,
     ) -> None:
-        auth = self._auth.check_worker(_metadata(context), _cert_names(context))
-        if not auth.ok:
-            await self._refuse(context, "Session", auth)  # raises: the call ends here
-            return
-        link = GrpcWorkerLink(context, self._control, auth.worker_id, self._round_starts)
+        link = GrpcWorkerLink(context, self._control, authenticated_worker(), self._round_starts)
         reader = asyncio.create_task(link.read_loop())
         try:
             await self._control.serve_session(link)
@@ -257,7 +203,6 @@ class FLQServicer(pb_grpc.FLQServicer):
         request: pb.StatusRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.StatusReply:
-        await self._admin_only(context, "Status")
         return serde.status_reply_to_proto(self._control.status())
 
     async def Stop(
@@ -265,7 +210,6 @@ class FLQServicer(pb_grpc.FLQServicer):
         request: pb.StopRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.StopReply:
-        await self._admin_only(context, "Stop")
         round_id = self._control.request_stop(request.reason or "admin Stop RPC")
         return serde.stop_reply_to_proto(True, round_id)
 
@@ -274,7 +218,6 @@ class FLQServicer(pb_grpc.FLQServicer):
         request: pb.ModelRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelChunk]:
-        await self._admin_only(context, "GetGlobalModel")
         round_id, encoded = self._control.global_model()
         for group in group_chunks(split_tensors(encoded)):
             yield serde.model_chunk_to_proto(ModelChunk(round_id, tuple(group)))

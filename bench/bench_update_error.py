@@ -12,7 +12,10 @@ the same weights (what bbit and bin quantize once a reference exists).
 For each codec: payload bits per parameter (headers included) and the relative error
 ||x - decode(encode(x))||^2 / ||x||^2 summed over the 12 tensors, through flq.codec: the LAQ
 grid (bbit's default, one radius per tensor), the block grid (flq_algorithm.bbit_block = N: 0 on
-the grid, one float32 radius per N values), sign (bin) and laq8's stochastic 8-bit.
+the grid, one float32 radius per N values), sign (bin), laq8's stochastic 8-bit and sparse
+ternary (stc/sti: the top p of each tensor as +-mu, Golomb-coded positions). For the sparse code
+it also compares the Golomb-Rice bits per kept value with the empirical entropy of the gaps and
+signs it codes: what an entropy coder (arithmetic coding of the same gaps) could save at most.
 """
 
 from __future__ import annotations
@@ -28,18 +31,18 @@ from typing import Any
 import numpy as np
 
 from bench.bench_accuracy import machine
-from flq.codec import Codec, decode, encode
+from flq.codec import Codec, decode, encode, sparse
 
 Quantizer = Callable[[np.ndarray], tuple[np.ndarray, int]]  # values -> (decoded, wire bits)
 
 
-def flq_codec(codec: Codec, bits: int, block: int = 256) -> Quantizer:
+def flq_codec(codec: Codec, bits: int, block: int = 256, density: float = 0.01) -> Quantizer:
     """FLQ's codec as bbit/bin/laq8 use it: round to nearest (an rng only where the codec is
     stochastic by definition, laq8)."""
     rng = np.random.default_rng(0) if codec is Codec.STOCHASTIC else None
 
     def run(values: np.ndarray) -> tuple[np.ndarray, int]:
-        encoded = encode(codec, values, bits, rng, block=block)
+        encoded = encode(codec, values, bits, rng, block=block, density=density)
         return decode(encoded), encoded.cost_bits()
 
     return run
@@ -55,7 +58,51 @@ QUANTIZERS: dict[str, Quantizer] = {
     "bbit b=3, block grid 256": flq_codec(Codec.BLOCK_GRID, 3, 256),
     "bbit b=4, block grid 1024": flq_codec(Codec.BLOCK_GRID, 4, 1024),
     "laq8 (stochastic 8 bit)": flq_codec(Codec.STOCHASTIC, 8),
+    "sparse ternary p=4 %": flq_codec(Codec.SPARSE_TERNARY, 0, density=0.04),
+    "sparse ternary p=1 %": flq_codec(Codec.SPARSE_TERNARY, 0, density=0.01),
+    "sparse ternary p=0.25 %": flq_codec(Codec.SPARSE_TERNARY, 0, density=0.0025),
 }
+DENSITIES = (0.04, 0.01, 0.0025)
+
+
+def _entropy_bits(symbols: np.ndarray) -> float:
+    """Total bits of the plug-in (empirical) entropy code of `symbols`."""
+    if not symbols.size:
+        return 0.0
+    _, counts = np.unique(symbols, return_counts=True)
+    shares = counts / symbols.size
+    return float(-(counts * np.log2(shares)).sum())
+
+
+def class_code_bits(gaps: np.ndarray) -> float:
+    """Bits of an achievable adaptive code of the gaps: each gap's Elias-gamma class
+    c = floor(log2(gap + 1)) entropy-coded with the tensor's own class histogram (sent as 16
+    bits per class up to the largest), then the c bits below the class's leading one, raw."""
+    if not gaps.size:
+        return 0.0
+    classes = np.floor(np.log2(gaps + 1.0)).astype(np.int64)
+    return _entropy_bits(classes) + float(classes.sum()) + 16.0 * (int(classes.max()) + 1)
+
+
+def position_code(tensors: list[np.ndarray], density: float) -> dict[str, float]:
+    """Per kept value: Golomb-Rice bits (positions + sign, as sent); an adaptive class code of
+    the same gaps (achievable, class_code_bits) plus one bit a sign; and the plug-in entropy of
+    the gaps and signs (optimistic: the histogram itself is free and small counts flatter it)."""
+    golomb = entropy = classes = kept = 0.0
+    for tensor in tensors:
+        encoded = encode(Codec.SPARSE_TERNARY, tensor, 0, density=density)
+        nnz = int(encoded.scales[1])
+        positions, positive = sparse.decode_positions(encoded.data, encoded.bits, nnz, tensor.size)
+        golomb += sparse.coded_bits(positions, encoded.bits)
+        gaps = np.diff(positions, prepend=-1) - 1
+        entropy += _entropy_bits(gaps) + _entropy_bits(positive)
+        classes += class_code_bits(gaps) + nnz
+        kept += nnz
+    return {
+        "golomb_bits_per_kept": golomb / kept,
+        "class_code_bits_per_kept": classes / kept,
+        "entropy_bits_per_kept": entropy / kept,
+    }
 
 
 def relative_error(quantizer: Quantizer, tensors: list[np.ndarray]) -> tuple[float, float]:
@@ -111,9 +158,26 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"codec": name, "bits_per_param": bits, **{k: v[1] for k, v in cells.items()}})
         errors = " | ".join(f"{v[1]:.3f}" for v in cells.values())
         print(f"| {name} | {bits:.3f} | {errors} |")
+    print()
+    print(
+        "| input | p | Golomb-Rice bits per kept value | adaptive class code | "
+        "plug-in gap + sign entropy | formula |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    codes = []
+    for label, tensors in inputs.items():
+        for density in DENSITIES:
+            code = position_code(tensors, density)
+            formula = sparse.expected_bits_per_nonzero(density)
+            codes.append({"input": label, "density": density, **code, "formula": formula})
+            print(
+                f"| {label} | {density:g} | {code['golomb_bits_per_kept']:.2f} | "
+                f"{code['class_code_bits_per_kept']:.2f} | "
+                f"{code['entropy_bits_per_kept']:.2f} | {formula:.2f} |"
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"machine": machine(), "steps": args.steps, "rows": rows}
+        payload = {"machine": machine(), "steps": args.steps, "rows": rows, "codes": codes}
         args.json.write_text(json.dumps(payload, indent=1) + "\n")
     return 0
 

@@ -45,9 +45,11 @@ def connect_workers(
     heartbeat_s: float = 0.2,
     backoff_cap_s: float = 0.5,
     states: Sequence[WorkerState] | None = None,
+    observer: Any = None,
 ) -> list[asyncio.Task[Any]]:
     """One reconnecting worker task per trainer on 127.0.0.1:port, ids w0, w1, ... unless
-    `states` are given; they end when `stop` is set or the master shuts them down."""
+    `states` are given; they end when `stop` is set or the master shuts them down. `observer`
+    (a flq.metrics.LinkObserver) sees every worker's messages."""
     states = states or [WorkerState(f"w{i}") for i in range(len(trainers))]
     return [
         asyncio.create_task(
@@ -58,6 +60,7 @@ def connect_workers(
                 stop,
                 SessionOptions(heartbeat_interval_s=heartbeat_s),
                 Backoff(base_s=0.05, cap_s=backoff_cap_s),
+                observer=observer,
             )
         )
         for state, trainer in zip(states, trainers, strict=True)

@@ -5,7 +5,9 @@ bytes in rounds.csv are the bytes the workers saw."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,6 @@ from flq.types import (
     UploadOffer,
     WorkerMessage,
 )
-from flq.worker.connection import Backoff, run_connected
-from flq.worker.session import SessionOptions, WorkerState
 from tests.loopback import connect_workers, start_synthetic_master
 
 PROBLEM = SyntheticProblem(dim=24, samples_per_worker=64, seed=11)
@@ -57,6 +57,19 @@ def make_config(**overrides: Any) -> Config:
 
 def _hello(worker_id: str) -> pb.WorkerMessage:
     return serde.worker_message_to_proto(Hello(worker_id, PROTOCOL_VERSION, 64))
+
+
+@contextlib.asynccontextmanager
+async def _raw_session(port: int, worker_id: str) -> AsyncIterator[Any]:
+    """A hand-driven Session on 127.0.0.1:port, past its Welcome."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CLIENT_OPTIONS) as channel:
+        call = pb_grpc.FLQStub(channel).Session()
+        await call.write(_hello(worker_id))
+        assert (await call.read()).HasField("welcome")
+        try:
+            yield call
+        finally:
+            call.cancel()
 
 
 async def _read(call: Any) -> MasterMessage:
@@ -85,19 +98,13 @@ def test_a_silent_worker_costs_only_its_own_contribution(tmp_path: Path) -> None
 
     async def scenario() -> None:
         daemon, master = await start_synthetic_master(cfg, tmp_path, PROBLEM)
-        async with grpc.aio.insecure_channel(
-            f"127.0.0.1:{daemon.port}", options=CLIENT_OPTIONS
-        ) as channel:
-            silent = pb_grpc.FLQStub(channel).Session()
-            await silent.write(_hello("silent"))
-            assert (await silent.read()).HasField("welcome")
+        async with _raw_session(daemon.port, "silent"):
             stop = asyncio.Event()
             trainers = [SyntheticTrainer(PROBLEM, i) for i in range(3)]
             workers = connect_workers(daemon.port, trainers, stop)
             await asyncio.wait_for(master, 60)
             stop.set()
             await asyncio.wait_for(asyncio.gather(*workers), 10)
-            silent.cancel()
 
     asyncio.run(scenario())
     rows = read_rounds(tmp_path / "rounds.csv")
@@ -140,19 +147,13 @@ def test_a_reference_disagreement_ends_in_a_reset_not_a_rejection(tmp_path: Path
 
     async def scenario() -> list[MasterMessage]:
         daemon, master = await start_synthetic_master(cfg, tmp_path, PROBLEM)
-        async with grpc.aio.insecure_channel(
-            f"127.0.0.1:{daemon.port}", options=CLIENT_OPTIONS
-        ) as channel:
-            call = pb_grpc.FLQStub(channel).Session()
-            await call.write(_hello("w3"))
-            assert (await call.read()).HasField("welcome")
+        async with _raw_session(daemon.port, "w3") as call:
             round_id, weights = await _round_start(call)
             first = await _offer_and_upload(call, cfg, round_id, weights, version=5)
             reset = await _read(call)
             round_id, weights = await _round_start(call)
             second = await _offer_and_upload(call, cfg, round_id, weights, version=0)
             await asyncio.wait_for(master, 30)
-            call.cancel()
             return [first, reset, second]
 
     first, reset, second = asyncio.run(scenario())
@@ -175,12 +176,7 @@ def test_a_huge_finite_update_is_refused_and_the_model_stays_finite(tmp_path: Pa
         workers = connect_workers(
             daemon.port, [SyntheticTrainer(PROBLEM, i) for i in range(3)], stop
         )
-        async with grpc.aio.insecure_channel(
-            f"127.0.0.1:{daemon.port}", options=CLIENT_OPTIONS
-        ) as channel:
-            call = pb_grpc.FLQStub(channel).Session()
-            await call.write(_hello("huge"))
-            assert (await call.read()).HasField("welcome")
+        async with _raw_session(daemon.port, "huge") as call:
             round_id, weights = await _round_start(call)
             huge = [encode_float32(np.full(w.shape, 3e38, np.float32)) for w in weights]
             offer = UploadOffer(round_id, True, sum(e.cost_bits() for e in huge), 1.0, 0, True)
@@ -193,7 +189,6 @@ def test_a_huge_finite_update_is_refused_and_the_model_stays_finite(tmp_path: Pa
             await asyncio.wait_for(master, 60)
             stop.set()
             await asyncio.wait_for(asyncio.gather(*workers), 10)
-            call.cancel()
         return daemon
 
     daemon = asyncio.run(scenario())
@@ -236,20 +231,11 @@ def test_wire_bytes_are_every_byte_the_workers_saw(tmp_path: Path) -> None:
     async def scenario() -> None:
         daemon, master = await start_synthetic_master(cfg, tmp_path, PROBLEM)
         stop = asyncio.Event()
-        workers = [
-            asyncio.create_task(
-                run_connected(
-                    WorkerState(f"w{i}"),
-                    SyntheticTrainer(PROBLEM, i),
-                    f"127.0.0.1:{daemon.port}",
-                    stop,
-                    SessionOptions(heartbeat_interval_s=float("inf")),
-                    Backoff(base_s=0.05, cap_s=0.5),
-                    observer=_CountingObserver(totals),
-                )
-            )
-            for i in range(4)
-        ]
+        trainers = [SyntheticTrainer(PROBLEM, i) for i in range(4)]
+        observer = _CountingObserver(totals)
+        workers = connect_workers(
+            daemon.port, trainers, stop, heartbeat_s=float("inf"), observer=observer
+        )
         await asyncio.wait_for(master, 60)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*workers), 10)

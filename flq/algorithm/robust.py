@@ -26,6 +26,7 @@ import numpy as np
 RuleName: TypeAlias = Literal["mean", "trimmed_mean", "median", "norm_clipped"]
 RULES: tuple[RuleName, ...] = get_args(RuleName)
 _TIE = 1e-12  # cumulative weights within this of 1/2 count as exactly half
+CHUNK = 1 << 16  # coordinates sorted at a time
 
 
 def parse_rule(name: str) -> RuleName:
@@ -50,18 +51,19 @@ def combine(
         raise ValueError(f"{len(weights)} weights for {len(contributions)} contributions")
     w = np.asarray(weights, dtype=np.float64)
     if rule == "mean":
-        return _per_tensor(contributions, lambda stack: np.tensordot(w, stack, axes=1))
+        return _per_tensor(contributions, lambda rows: rows.astype(np.float64) @ w)
     if rule == "trimmed_mean":
         if not 0 <= trim < 0.5:
             raise ValueError(f"trim must be in [0, 0.5), got {trim}")
-        return _per_tensor(contributions, lambda stack: _trimmed_mean(stack, w, trim))
+        return _per_tensor(contributions, lambda rows: _trimmed_mean(rows, w, trim))
     if rule == "median":
-        return _per_tensor(contributions, lambda stack: _weighted_median(stack, w))
+        return _per_tensor(contributions, lambda rows: _weighted_median(rows, w))
     if rule == "norm_clipped":
         if clip_factor <= 0:
             raise ValueError(f"clip_factor must be > 0, got {clip_factor}")
         scales = clip_scales(contributions, clip_factor)
-        return _per_tensor(contributions, lambda stack: np.tensordot(w * scales, stack, axes=1))
+        scaled = w * scales
+        return _per_tensor(contributions, lambda rows: rows.astype(np.float64) @ scaled)
     raise ValueError(f"unknown aggregation rule {rule!r}: expected one of {list(RULES)}")
 
 
@@ -85,40 +87,42 @@ def _as64(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
 def _per_tensor(
     contributions: Sequence[Sequence[np.ndarray]], reduce: Callable[[np.ndarray], np.ndarray]
 ) -> list[np.ndarray]:
-    """Apply `reduce` to each tensor's stack (contributors x values), reshaped back, float32."""
+    """Apply `reduce` to each tensor as rows of coordinates (coordinates x contributors, float32,
+    contiguous: sorting each row is then ~10x faster than sorting down columns), CHUNK rows at a
+    time so the sort's temporaries stay small for large models; reshaped back, float32."""
     out = []
     for index, first in enumerate(contributions[0]):
-        stack = np.stack([np.asarray(c[index], np.float64).reshape(-1) for c in contributions])
-        combined = np.asarray(reduce(stack))
+        rows = np.stack([np.asarray(c[index], np.float32).reshape(-1) for c in contributions], 1)
+        reduced = [np.asarray(reduce(rows[i : i + CHUNK])) for i in range(0, len(rows), CHUNK)]
+        combined = np.concatenate(reduced) if reduced else np.zeros(0)
         out.append(combined.reshape(np.shape(first)).astype(np.float32))
     return out
 
 
-def _sorted_with_mass(
-    stack: np.ndarray, w: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per coordinate: values sorted ascending, and the cumulative weight below and up to each."""
-    order = np.argsort(stack, axis=0, kind="stable")
-    values = np.take_along_axis(stack, order, axis=0)
+def _sorted_with_mass(rows: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per coordinate (row): values sorted ascending, and the cumulative weight below and up to
+    each value (float64, so the comparisons with 1/2 and with the trim are exact enough)."""
+    order = np.argsort(rows, axis=1)  # ties: equal values, so their order changes nothing
+    values = np.take_along_axis(rows, order, axis=1)
     mass = w[order]
-    upper = np.cumsum(mass, axis=0)
+    upper = np.cumsum(mass, axis=1)
     return values, upper - mass, upper
 
 
-def _trimmed_mean(stack: np.ndarray, w: np.ndarray, trim: float) -> np.ndarray:
-    values, lower, upper = _sorted_with_mass(stack, w)
+def _trimmed_mean(rows: np.ndarray, w: np.ndarray, trim: float) -> np.ndarray:
+    values, lower, upper = _sorted_with_mass(rows, w)
     # The share of each value's weight that lies inside [trim, 1 - trim] of the weight mass.
     kept = np.clip(np.minimum(upper, 1.0 - trim) - np.maximum(lower, trim), 0.0, None)
-    result: np.ndarray = (kept * values).sum(axis=0) / kept.sum(axis=0)
+    result: np.ndarray = np.einsum("ij,ij->i", kept, values) / kept.sum(axis=1)
     return result
 
 
-def _weighted_median(stack: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _weighted_median(rows: np.ndarray, w: np.ndarray) -> np.ndarray:
     """The value where the cumulative weight crosses 1/2; where it lands exactly on 1/2 (an even
     count of equal weights), the mean of the two values either side, as the plain median does."""
-    values, _, upper = _sorted_with_mass(stack, w)
-    low = np.argmax(upper >= 0.5 - _TIE, axis=0)
-    high = np.argmax(upper > 0.5 + _TIE, axis=0)
-    cols = np.arange(values.shape[1])
-    result: np.ndarray = 0.5 * (values[low, cols] + values[high, cols])
+    values, _, upper = _sorted_with_mass(rows, w)
+    low = np.argmax(upper >= 0.5 - _TIE, axis=1)
+    high = np.argmax(upper > 0.5 + _TIE, axis=1)
+    index = np.arange(len(values))
+    result: np.ndarray = 0.5 * (values[index, low].astype(np.float64) + values[index, high])
     return result

@@ -27,7 +27,7 @@ from typing import Literal, TypeAlias, get_args
 
 import numpy as np
 
-from flq.algorithm.stc import kept_count, sparsify
+from flq.algorithm.stc import SPARSE_CODECS, kept_count, sparsify
 from flq.codec import (
     Codec,
     EncodedTensor,
@@ -137,7 +137,9 @@ def check_upload(
         raise ValueError(f"upload has {len(encoded)} tensors, the model has {len(shapes)}")
     expected_codec = upload_codec(mode, bbit_block)
     for index, (tensor, shape) in enumerate(zip(encoded, shapes, strict=True)):
-        if tensor.codec != expected_codec:
+        if tensor.codec != expected_codec and not (
+            is_sparse(mode) and tensor.codec in SPARSE_CODECS
+        ):
             raise ValueError(
                 f"tensor {index}: codec {Codec(tensor.codec).name}, mode {mode} sends "
                 f"{expected_codec.name}"

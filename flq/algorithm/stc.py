@@ -2,8 +2,9 @@
 
 The top k = max(1, round(p * n)) values of the update, over all its tensors together (n is the
 model's parameter count), become +-mu with mu their mean magnitude; everything else becomes 0.
-Each tensor travels as a SPARSE_TERNARY tensor (flq/codec/sparse.py) holding its share of the k
-positions, Golomb-coded with the parameter that is optimal for its own density. Selection is a
+Each tensor travels as a sparse ternary tensor (flq/codec/sparse.py) holding its share of the k
+positions, Golomb-coded with the parameter that is optimal for its own density, or as gap classes
+under a Huffman code (flq/codec/gapclass.py), whichever is smaller for that tensor. Selection is a
 partition (np.argpartition), O(n), not a sort.
 
 The error accumulation around it (what was not sent is added to the next update) lives with the
@@ -39,6 +40,9 @@ def sparsify(values: Sequence[np.ndarray], density: float) -> list[EncodedTensor
     return encoded
 
 
+SPARSE_CODECS = frozenset({Codec.SPARSE_TERNARY, Codec.SPARSE_TERNARY_GAPCLASS})
+
+
 def kept_count(encoded: Sequence[EncodedTensor]) -> int:
-    """Nonzero values the SPARSE_TERNARY tensors of one update carry in total."""
-    return sum(int(e.scales[1]) for e in encoded if e.codec == Codec.SPARSE_TERNARY)
+    """Nonzero values the sparse ternary tensors of one update carry in total."""
+    return sum(int(e.scales[1]) for e in encoded if e.codec in SPARSE_CODECS)

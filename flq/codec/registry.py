@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flq.codec import blockgrid, quantizers, sparse
+from flq.codec import blockgrid, gapclass, quantizers, sparse
 from flq.codec.bitpack import MAX_BITS, MIN_BITS, check_payload, packed_size
 from flq.codec.errors import CodecError
 from flq.codec.tensor import Codec, EncodedTensor
@@ -166,6 +166,18 @@ SPECS: dict[Codec, CodecSpec] = {
             encode=lambda x, o: sparse.encode_sparse_ternary(x, o.density),
             decode=sparse.decode_ternary,
             max_payload_bytes=sparse.max_ternary_bytes,
+            check_payload=sparse.check_ternary,
+            check_scales=lambda _codec, _names, _scales: None,  # check_payload reads them
+            decode_checks_payload=True,
+        ),
+        CodecSpec(
+            codec=Codec.SPARSE_TERNARY_GAPCLASS,
+            min_bits=1,  # the number of gap classes, chosen by the encoder
+            max_bits=gapclass.MAX_CLASSES,
+            scale_names=("mu", "nnz"),
+            encode=lambda x, o: sparse.encode_sparse_ternary(x, o.density),
+            decode=sparse.decode_ternary,
+            max_payload_bytes=sparse.max_gapclass_bytes,
             check_payload=sparse.check_ternary,
             check_scales=lambda _codec, _names, _scales: None,  # check_payload reads them
             decode_checks_payload=True,

@@ -26,6 +26,7 @@ import math
 
 import numpy as np
 
+from flq.codec import gapclass
 from flq.codec.errors import CodecError
 from flq.codec.tensor import Codec, EncodedTensor
 
@@ -203,9 +204,14 @@ def ternary_tensor(
     mu32 = float(np.float32(mu))
     if not math.isfinite(mu32) or mu32 < 0:
         raise CodecError(f"mu: got {mu!r}, expected a finite magnitude that fits float32")
+    scales = (mu32, float(nnz))
     b = rice_bits(nnz / count) if count else 0
+    _, _, class_bits = gapclass.plan(_gaps(positions))
+    if -(-class_bits // 8) < -(-coded_bits(positions, b) // 8):  # the smaller code is sent
+        data, classes = gapclass.encode(_gaps(positions), positive)
+        return EncodedTensor(Codec.SPARSE_TERNARY_GAPCLASS, tuple(shape), classes, scales, data)
     data = encode_positions(positions, positive, b)
-    return EncodedTensor(Codec.SPARSE_TERNARY, tuple(shape), b, (mu32, float(nnz)), data)
+    return EncodedTensor(Codec.SPARSE_TERNARY, tuple(shape), b, scales, data)
 
 
 def encode_sparse_ternary(x: np.ndarray, density: float) -> EncodedTensor:
@@ -233,9 +239,9 @@ def check_density(density: float) -> None:
 
 
 def decode_ternary(enc: EncodedTensor) -> np.ndarray:
-    """Flat float32: +-mu at the coded positions, 0 elsewhere (the tensor is validated)."""
+    """Flat float32: +-mu at the coded positions, 0 elsewhere (checks the payload as it parses)."""
     mu, nnz = check_header(enc.scales, enc.size)
-    positions, positive = decode_positions(enc.data, enc.bits, nnz, enc.size)
+    positions, positive = _positions_of(enc, nnz)
     out = np.zeros(enc.size, dtype=np.float32)
     mu32 = np.float32(mu)
     out[positions] = np.where(positive, mu32, -mu32)
@@ -244,9 +250,24 @@ def decode_ternary(enc: EncodedTensor) -> np.ndarray:
 
 def check_ternary(enc: EncodedTensor) -> None:
     _, nnz = check_header(enc.scales, enc.size)
-    decode_positions(enc.data, enc.bits, nnz, enc.size)
+    _positions_of(enc, nnz)
+
+
+def _positions_of(enc: EncodedTensor, nnz: int) -> tuple[np.ndarray, np.ndarray]:
+    if enc.codec == Codec.SPARSE_TERNARY:
+        return decode_positions(enc.data, enc.bits, nnz, enc.size)
+    gaps, positive = gapclass.decode(enc.data, enc.bits, nnz)
+    positions = np.cumsum(gaps + 1) - 1
+    if positions.size and positions[-1] >= enc.size:
+        raise CodecError(f"payload positions: got {int(positions[-1])}, expected < {enc.size}")
+    return positions, positive
 
 
 def max_ternary_bytes(bits: int, count: int, scales: tuple[float, ...]) -> int:
     _, nnz = check_header(scales, count)
     return max_payload_bytes(bits, nnz, count)
+
+
+def max_gapclass_bytes(bits: int, count: int, scales: tuple[float, ...]) -> int:
+    _, nnz = check_header(scales, count)
+    return gapclass.max_payload_bytes(bits, nnz)

@@ -17,6 +17,7 @@ class Codec(enum.IntEnum):
     SIGN = 5
     BLOCK_GRID = 6
     SPARSE_TERNARY = 7
+    SPARSE_TERNARY_GAPCLASS = 8
 
 
 HEADER_FIXED_BITS = 16  # codec id (8) + bit width (8)

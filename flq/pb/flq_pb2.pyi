@@ -17,6 +17,7 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CODEC_SIGN: _ClassVar[Codec]
     CODEC_BLOCK_GRID: _ClassVar[Codec]
     CODEC_SPARSE_TERNARY: _ClassVar[Codec]
+    CODEC_SPARSE_TERNARY_GAPCLASS: _ClassVar[Codec]
 CODEC_UNSPECIFIED: Codec
 CODEC_FLOAT32: Codec
 CODEC_FLOAT16: Codec
@@ -25,6 +26,7 @@ CODEC_LAQ_GRID: Codec
 CODEC_SIGN: Codec
 CODEC_BLOCK_GRID: Codec
 CODEC_SPARSE_TERNARY: Codec
+CODEC_SPARSE_TERNARY_GAPCLASS: Codec
 
 class TensorChunk(_message.Message):
     __slots__ = ("tensor_index", "tensor_count", "shape", "dtype", "codec", "bits", "scales", "chunk_index", "chunk_count", "data")

@@ -71,6 +71,7 @@ def test_codec_values_are_the_wire_values() -> None:
         "SIGN": 5,
         "BLOCK_GRID": 6,
         "SPARSE_TERNARY": 7,
+        "SPARSE_TERNARY_GAPCLASS": 8,
     }
 
 

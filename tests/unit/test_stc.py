@@ -25,6 +25,7 @@ from flq.codec import (
     EncodedTensor,
     decode,
     encode,
+    gapclass,
     header_bits,
     sparse,
     validate,
@@ -244,3 +245,70 @@ def test_sti_sends_sparse_innovations_the_master_mirrors_and_reuses() -> None:
     # a worker that does not upload keeps counting with its last Q_i (stale reuse)
     result = aggregate(store, SampleWeighting(), {"a": 1}, fresh=set())
     assert result.contributors == 1
+
+
+# ---------------------------------------------------------------- the gap-class code
+
+
+def _clustered(rng: np.random.Generator, count: int, nnz: int) -> np.ndarray:
+    """Positions in a few dense runs plus scattered ones: how a CNN update's top values sit."""
+    runs = [rng.integers(0, count - 200) + np.arange(0, 200, 2) for _ in range(nnz // 200)]
+    scattered = rng.choice(count, size=nnz // 2, replace=False)
+    return np.unique(np.concatenate([*runs, scattered]))
+
+
+def test_gap_classes_are_exact_floor_log2() -> None:
+    gaps = np.array([0, 1, 2, 3, 6, 7, 2**20 - 2, 2**20 - 1, 2**31 - 1], dtype=np.int64)
+    expected = [int(np.floor(np.log2(float(g) + 1))) for g in gaps.tolist()]
+    assert gapclass.classes_of(gaps).tolist() == expected
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_clustered_positions_take_the_class_code_and_round_trip_bit_exactly(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    count = 60_000
+    positions = _clustered(rng, count, 800)
+    positive = rng.random(positions.size) < 0.5
+    tensor = sparse.ternary_tensor((count,), positions, positive, 0.25)
+    assert tensor.codec == Codec.SPARSE_TERNARY_GAPCLASS
+    _, _, planned = gapclass.plan(np.diff(positions, prepend=-1) - 1)
+    assert len(tensor.data) == -(-planned // 8)  # the counted size is the coded size
+    golomb = sparse.coded_bits(positions, sparse.rice_bits(positions.size / count))
+    assert 8 * len(tensor.data) < golomb  # sent because it is smaller
+    decoded = decode(tensor, (count,))
+    assert np.flatnonzero(decoded).tolist() == positions.tolist()
+    np.testing.assert_array_equal(decoded[positions] > 0, positive)
+    assert tensor.cost_bits() == 8 * len(tensor.data) + header_bits(1, 2)
+
+
+def test_scattered_positions_keep_golomb_rice() -> None:
+    rng = np.random.default_rng(9)
+    positions = _positions(rng, 100_000, 1000)
+    tensor = sparse.ternary_tensor((100_000,), positions, np.ones(1000, bool), 1.0)
+    assert tensor.codec == Codec.SPARSE_TERNARY
+
+
+def test_malformed_class_code_payloads_are_refused() -> None:
+    rng = np.random.default_rng(10)
+    positions = _clustered(rng, 20_000, 400)
+    good = sparse.ternary_tensor((20_000,), positions, np.ones(positions.size, bool), 1.0)
+    assert good.codec == Codec.SPARSE_TERNARY_GAPCLASS
+    validate(good)
+    nnz = positions.size
+
+    def variant(data: bytes, bits: int = good.bits, nnz: float = nnz) -> EncodedTensor:
+        return EncodedTensor(good.codec, good.shape, bits, (1.0, nnz), data)
+
+    table = bytearray(good.data)
+    table[0] = 0x11  # classes 0 and 1 get 1-bit codes, the rest keep theirs: not a prefix code
+    cases = [
+        (variant(good.data[:-1]), r"payload"),
+        (variant(good.data + b"\0"), r"^payload length"),
+        (variant(good.data, nnz=nnz - 1), r"^payload length"),
+        (variant(bytes(table)), r"^payload code table"),
+        (variant(good.data, bits=33), r"^bits: got 33"),
+        (EncodedTensor(good.codec, (positions[-1],), good.bits, (1.0, nnz), good.data), r"posit"),
+    ]
+    for tensor, message in cases:
+        with pytest.raises(CodecError, match=message):
+            validate(tensor)

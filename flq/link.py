@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Generic, Literal, Protocol, TypeVar
 
 from flq.types import MasterMessage, RoundStart, WorkerMessage
@@ -22,17 +23,25 @@ class LinkClosed(Exception):
     """The other side went away (stream ended, connection lost, session replaced)."""
 
 
+class ViolationCode(str, Enum):
+    """The status a refused session ends with; the names are grpc.StatusCode's, so the gRPC
+    transport maps them one to one and the in-memory transport reports the same."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"  # a malformed or out-of-protocol message
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"  # wrong order, version or reference
+    PERMISSION_DENIED = "PERMISSION_DENIED"  # a message claims another worker's identity
+    UNIMPLEMENTED = "UNIMPLEMENTED"  # a protocol version this master does not speak
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # no Hello in time
+    UNAVAILABLE = "UNAVAILABLE"  # the master is not accepting sessions now
+
+
 class ProtocolViolation(Exception):
-    """A peer broke the protocol; the session ends with a clear status and changes nothing.
+    """A peer broke the protocol; the session ends with a clear status and changes nothing."""
 
-    `code` is a gRPC status name (INVALID_ARGUMENT, FAILED_PRECONDITION, ...); the in-memory
-    transport uses the same names so tests read the same over both.
-    """
-
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(f"{code}: {reason}")
-        self.code = code
+    def __init__(self, code: ViolationCode, reason: str) -> None:
+        self.code = ViolationCode(code)  # a plain name is accepted, an unknown one is a bug
         self.reason = reason
+        super().__init__(f"{self.code.value}: {reason}")
 
 
 @dataclass(frozen=True)

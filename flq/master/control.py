@@ -16,7 +16,7 @@ import structlog
 
 from flq.codec import EncodedTensor, encode_float32
 from flq.config import Config
-from flq.link import LinkClosed, ProtocolViolation, WorkerLink
+from flq.link import LinkClosed, ProtocolViolation, ViolationCode, WorkerLink
 from flq.master.bookkeeper import RoundBookkeeper
 from flq.master.federation import Federation
 from flq.metrics import MasterMetrics, MasterSources
@@ -56,7 +56,9 @@ class ControlPlane:
         """A worker's session, from handshake to the end of its link."""
         fed = self.federation
         if fed is None or self.stop_requested.is_set():
-            raise ProtocolViolation("UNAVAILABLE", "master is not accepting workers now")
+            raise ProtocolViolation(
+                ViolationCode.UNAVAILABLE, "master is not accepting workers now"
+            )
         record = await fed.engine.accept(link)
         try:
             await link.wait_ended()
@@ -97,7 +99,7 @@ class ControlPlane:
     def global_model(self) -> tuple[int, list[EncodedTensor]]:
         fed = self.federation
         if fed is None:
-            raise ProtocolViolation("UNAVAILABLE", "no model yet")
+            raise ProtocolViolation(ViolationCode.UNAVAILABLE, "no model yet")
         return fed.state.round - 1, [encode_float32(w) for w in fed.model_weights()]
 
     def count_rejected(self, reason: str) -> None:

@@ -19,7 +19,7 @@ import structlog
 
 from flq.algorithm import Offer, Selection, normalise, select_uploads
 from flq.codec import CodecError, EncodedTensor, Reassembler
-from flq.link import LinkClosed, ProtocolViolation, WorkerLink
+from flq.link import LinkClosed, ProtocolViolation, ViolationCode, WorkerLink
 from flq.master.handshake import check_hello, reconcile_references, welcome_for
 from flq.master.llm import WeightAdvisor, advise_within, facts_for
 from flq.master.outcome import RoundOutcome
@@ -174,7 +174,7 @@ class RoundEngine:
             first = await asyncio.wait_for(link.recv(), self.settings.hello_timeout_s)
         except asyncio.TimeoutError as error:
             raise ProtocolViolation(
-                "DEADLINE_EXCEEDED", "no Hello within the hello timeout"
+                ViolationCode.DEADLINE_EXCEEDED, "no Hello within the hello timeout"
             ) from error
         hello = check_hello(first.message, link.worker_id)
         record, replaced = self.registry.attach(hello, link)
@@ -330,11 +330,11 @@ class RoundEngine:
     async def _reject(
         self, record: WorkerRecord, violation: ProtocolViolation, outcome: RoundOutcome
     ) -> None:
-        outcome.rejected[record.worker_id] = violation.code
+        outcome.rejected[record.worker_id] = violation.code.value
         log.error(
             "protocol violation: session rejected",
             worker=record.worker_id,
-            code=violation.code,
+            code=violation.code.value,
             reason=violation.reason,
         )
         # Nothing a refused worker stored is reused; on its next Hello the versions differ,
@@ -393,11 +393,12 @@ class RoundEngine:
                 continue
             if message_round is not None and message_round > round_id:
                 raise ProtocolViolation(
-                    "INVALID_ARGUMENT", f"message for round {message_round} during round {round_id}"
+                    ViolationCode.INVALID_ARGUMENT,
+                    f"message for round {message_round} during round {round_id}",
                 )
             if not isinstance(message, expected):
                 raise ProtocolViolation(
-                    "FAILED_PRECONDITION",
+                    ViolationCode.FAILED_PRECONDITION,
                     f"expected {' or '.join(t.__name__ for t in expected)}, "
                     f"got {type(message).__name__}",
                 )
@@ -410,7 +411,9 @@ class RoundEngine:
             raise _Failure(f"worker skipped: {message.reason}")
         assert isinstance(message, UploadOffer)
         if message.wants_upload and message.cost_bits <= 0:
-            raise ProtocolViolation("INVALID_ARGUMENT", "offer wants to upload with cost_bits 0")
+            raise ProtocolViolation(
+                ViolationCode.INVALID_ARGUMENT, "offer wants to upload with cost_bits 0"
+            )
         return message
 
     def _select(self, offers: dict[WorkerRecord, UploadOffer], outcome: RoundOutcome) -> Selection:
@@ -456,12 +459,12 @@ class RoundEngine:
                 for chunk in message.tensors:
                     reassembler.add(chunk)
             except CodecError as error:
-                raise ProtocolViolation("INVALID_ARGUMENT", str(error)) from error
+                raise ProtocolViolation(ViolationCode.INVALID_ARGUMENT, str(error)) from error
         try:
             encoded = reassembler.finish()
             self.state.check_upload_codec(encoded)
         except (CodecError, ValueError) as error:
-            raise ProtocolViolation("INVALID_ARGUMENT", str(error)) from error
+            raise ProtocolViolation(ViolationCode.INVALID_ARGUMENT, str(error)) from error
         return encoded
 
     async def _reset(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import structlog
 
-from flq.link import ProtocolViolation
+from flq.link import ProtocolViolation, ViolationCode
 from flq.master.registry import WorkerRecord
 from flq.master.state import MasterState
 from flq.types import PROTOCOL_VERSION, Hello, Welcome, WorkerMessage
@@ -23,17 +23,19 @@ def check_hello(message: WorkerMessage, session_worker_id: str) -> Hello:
     `session_worker_id` is the id the call authenticated as ("" when the call carries none)."""
     if not isinstance(message, Hello):
         raise ProtocolViolation(
-            "FAILED_PRECONDITION", f"first message must be Hello, got {type(message).__name__}"
+            ViolationCode.FAILED_PRECONDITION,
+            f"first message must be Hello, got {type(message).__name__}",
         )
     if session_worker_id and message.worker_id != session_worker_id:
         raise ProtocolViolation(
-            "PERMISSION_DENIED", f"worker id {message.worker_id!r} differs from the session's"
+            ViolationCode.PERMISSION_DENIED,
+            f"worker id {message.worker_id!r} differs from the session's",
         )
     if message.protocol_version != PROTOCOL_VERSION:
         # UNIMPLEMENTED, not FAILED_PRECONDITION: the worker's connection treats it as final
         # (retrying cannot teach either side the other's protocol).
         raise ProtocolViolation(
-            "UNIMPLEMENTED",
+            ViolationCode.UNIMPLEMENTED,
             f"protocol version {message.protocol_version}, master speaks {PROTOCOL_VERSION}",
         )
     return message

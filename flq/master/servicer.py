@@ -24,7 +24,14 @@ from google.protobuf.message import DecodeError
 
 from flq import serde
 from flq.codec import EncodedTensor, group_chunks, split_tensors
-from flq.link import DownlinkPayload, LinkClosed, PayloadCache, ProtocolViolation, Received
+from flq.link import (
+    DownlinkPayload,
+    LinkClosed,
+    PayloadCache,
+    ProtocolViolation,
+    Received,
+    ViolationCode,
+)
 from flq.master.auth import authenticated_worker
 from flq.pb import flq_pb2 as pb
 from flq.pb import flq_pb2_grpc as pb_grpc
@@ -101,13 +108,15 @@ class GrpcWorkerLink:
                     # DecodeError: grpc's aio server parses in read(); bytes that are no
                     # WorkerMessage at all raise there.
                     self._control.count_rejected("malformed")
-                    await self.reject(ProtocolViolation("INVALID_ARGUMENT", _malformed(error)))
+                    await self.reject(
+                        ProtocolViolation(ViolationCode.INVALID_ARGUMENT, _malformed(error))
+                    )
                     break
                 claimed = getattr(message, "worker_id", None)
                 if self._identity is not None and claimed not in (None, self._identity):
                     self._control.count_rejected("permission_denied")
                     reason = f"authenticated as {self._identity!r}, Hello claims {claimed!r}"
-                    await self.reject(ProtocolViolation("PERMISSION_DENIED", reason))
+                    await self.reject(ProtocolViolation(ViolationCode.PERMISSION_DENIED, reason))
                     break
                 if not self._worker_id and hasattr(message, "worker_id"):
                     self._worker_id = message.worker_id
@@ -191,12 +200,10 @@ class FLQServicer(pb_grpc.FLQServicer):
                 "session rejected",
                 peer=link.peer,
                 worker=link.worker_id or "?",
-                code=link.violation.code,
+                code=link.violation.code.value,
                 reason=link.violation.reason,
             )
-            await context.abort(
-                getattr(grpc.StatusCode, link.violation.code), link.violation.reason
-            )
+            await context.abort(grpc.StatusCode[link.violation.code.name], link.violation.reason)
 
     async def Status(
         self,

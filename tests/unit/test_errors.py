@@ -50,3 +50,15 @@ def test_an_unknown_error_is_not_swallowed() -> None:
 
     with pytest.raises(KeyError):
         command()
+
+
+def test_every_violation_code_is_a_grpc_status_and_unknown_names_are_refused() -> None:
+    import grpc
+
+    from flq.link import ProtocolViolation, ViolationCode
+
+    for code in ViolationCode:
+        assert grpc.StatusCode[code.name].name == code.value
+    assert ProtocolViolation("INVALID_ARGUMENT", "x").code is ViolationCode.INVALID_ARGUMENT
+    with pytest.raises(ValueError, match="NOT_A_STATUS"):
+        ProtocolViolation("NOT_A_STATUS", "x")  # type: ignore[arg-type]

@@ -189,6 +189,14 @@ class SystemConfig:
     eval_every: int = field(
         default=1, metadata=rule("Evaluate the global model every N rounds.", minimum=1)
     )
+    checkpoint_every: int = field(
+        default=1,
+        metadata=rule(
+            "Write the master's checkpoint every N rounds (and at shutdown); a restart with "
+            "--resume redoes the rounds since the last one.",
+            minimum=1,
+        ),
+    )
     target_accuracy: float = field(
         default=0.0,
         metadata=rule("Stop once test accuracy reaches this; 0 = off.", minimum=0, maximum=1),

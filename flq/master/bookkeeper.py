@@ -11,10 +11,16 @@ from typing import Any
 
 import structlog
 
-from flq.master.checkpoint import load_checkpoint, save_checkpoint
+from flq.master.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    load_checkpoint,
+    run_identity,
+    save_checkpoint,
+)
 from flq.master.federation import Federation
 from flq.master.outcome import RoundOutcome
-from flq.master.results import ResultsWriter, round_row
+from flq.master.results import ROUNDS_CSV, ResultsWriter, reconcile_rounds, round_row
 
 log = structlog.get_logger("flq.master")
 TOTAL_KEYS = ("uplink_bits", "downlink_bits", "wire_bytes")
@@ -31,14 +37,17 @@ class RoundBookkeeper:
         *,
         resume: bool = False,
         checkpoints: bool = True,
+        checkpoint_every: int = 1,
     ) -> None:
         self.federation = federation
         self.run_dir = run_dir
-        self.checkpoint_path = run_dir / "checkpoint.npz" if checkpoints else None
+        self.checkpoint_path = run_dir / CHECKPOINT_NAME if checkpoints else None
+        self.checkpoint_every = checkpoint_every
         self.totals = dict.fromkeys(TOTAL_KEYS, 0)
         self.last_accuracy = math.nan
         self.last_loss = math.nan
         self.last_outcome: RoundOutcome | None = None
+        self._last_row: dict[str, str] | None = None  # travels in the checkpoint
         if resume:
             self._resume()
         self.results = ResultsWriter(run_dir, resume=resume)
@@ -47,15 +56,19 @@ class RoundBookkeeper:
         if self.checkpoint_path is None:
             raise ValueError("resume needs checkpoints")
         saved = load_checkpoint(self.checkpoint_path)
-        self.federation.state.load_state(saved["master"])
+        try:
+            self.federation.state.load_state(saved["master"])
+        except (KeyError, ValueError) as error:  # another model, mode or an older format
+            raise CheckpointError(
+                f"{self.checkpoint_path}: cannot resume from it: {error}"
+            ) from None
         self.totals.update({k: int(v) for k, v in saved.get("totals", {}).items()})
         self.last_accuracy = float(saved.get("accuracy", math.nan))
         self.last_loss = float(saved.get("loss", math.nan))
-        log.info(
-            "resumed from checkpoint",
-            path=str(self.checkpoint_path),
-            next_round=self.federation.state.round,
-        )
+        self._last_row = saved.get("last_row")
+        next_round = self.federation.state.round
+        reconcile_rounds(self.run_dir / ROUNDS_CSV, next_round, self._last_row)
+        log.info("resumed from checkpoint", path=str(self.checkpoint_path), next_round=next_round)
 
     async def finish_round(self, outcome: RoundOutcome) -> dict[str, Any]:
         fed = self.federation
@@ -66,10 +79,16 @@ class RoundBookkeeper:
         for key in TOTAL_KEYS:
             self.totals[key] += getattr(outcome, key)
         self.last_outcome = outcome
-        self.save()
         row = round_row(
             outcome, self.last_accuracy, self.last_loss, cum_uplink_bits=self.totals["uplink_bits"]
         )
+        self._last_row = {key: str(value) for key, value in row.items()}
+        if self.checkpoint_path is not None and outcome.round % self.checkpoint_every == 0:
+            # Snapshot here, on the loop (the next round may change the state); write and fsync
+            # in a thread so heartbeats, keepalives and watchdog pings keep their time. The row
+            # follows the checkpoint, which carries it: a kill between the two loses nothing
+            # (reconcile_rounds puts it back on --resume).
+            await asyncio.to_thread(save_checkpoint, self.checkpoint_path, self._snapshot())
         self.results.write(row)
         log.info(
             "round",
@@ -86,17 +105,22 @@ class RoundBookkeeper:
         return row
 
     def save(self) -> None:
-        if self.checkpoint_path is None:
-            return
-        save_checkpoint(
-            self.checkpoint_path,
-            {
-                "master": self.federation.state.state(),
-                "totals": dict(self.totals),
-                "accuracy": self.last_accuracy,
-                "loss": self.last_loss,
-            },
-        )
+        """Write the checkpoint now (the final one at shutdown), on the calling thread."""
+        if self.checkpoint_path is not None:
+            save_checkpoint(self.checkpoint_path, self._snapshot())
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The checkpoint's content, copied: the arrays are the state's own copies."""
+        snapshot: dict[str, Any] = {
+            "master": self.federation.state.state(),
+            "totals": dict(self.totals),
+            "accuracy": self.last_accuracy,
+            "loss": self.last_loss,
+            "run": run_identity(self.federation.cfg),
+        }
+        if self._last_row is not None:
+            snapshot["last_row"] = dict(self._last_row)
+        return snapshot
 
     def write_summary(self, state: str, seconds: float) -> None:
         """summary.json: the run's totals and sizes, written once at the end."""

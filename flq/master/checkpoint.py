@@ -8,22 +8,39 @@ POSIX), and the directory is fsynced so the rename itself survives a power cut.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from flq.config import Config
 from flq.errors import UsageError
 
 META_KEY = "__meta__"
 FORMAT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.npz"  # in the run directory
 
 
 class CheckpointError(UsageError, RuntimeError):
     """A checkpoint that cannot be read or resumed from; the message names the file (exit 2)."""
+
+
+def run_identity(cfg: Config) -> dict[str, str]:
+    """What fixes the shape and meaning of a checkpoint's state: written into every checkpoint
+    and compared at --resume before the model is built (flq.master.startup)."""
+    return {
+        "mode": cfg.flq_algorithm.mode,
+        "model": cfg.model.name,
+        "hidden_units": str(cfg.model.hidden_units),
+        "dataset": cfg.dataset.name,
+        "lora_rank": str(cfg.lora.rank),
+    }
 
 
 def _flatten(
@@ -91,16 +108,63 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     source = Path(path)
+    with _opened(source) as data:
+        meta = _meta(source, data)
+        try:
+            arrays = {key: data[key] for key in data.files if key != META_KEY}
+        except _UNREADABLE as error:
+            raise CheckpointError(f"{source}: unreadable checkpoint ({error})") from error
+    return _unflatten(arrays, meta)
+
+
+def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The plain values of a checkpoint without reading its arrays: a cheap check at start-up
+    that the file is there, readable (a truncated zip fails here) and of this format."""
+    source = Path(path)
+    with _opened(source) as data:
+        return _unflatten({}, {k: v for k, v in _meta(source, data).items() if not _is_list(v)})
+
+
+def remove_orphans(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporaries a writer killed mid-write left beside `path`; returns them."""
+    target = Path(path)
+    orphans = sorted(target.parent.glob(f".{target.name}.*.tmp"))
+    for orphan in orphans:
+        orphan.unlink(missing_ok=True)
+    return orphans
+
+
+# What numpy and zipfile raise for a file that is not (or no longer) a whole .npz.
+_UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
+
+
+@contextlib.contextmanager
+def _opened(source: Path) -> Iterator[Any]:
     if not source.exists():
         raise CheckpointError(f"{source}: no checkpoint there (start without --resume)")
     try:
-        with np.load(source, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{source}: unreadable checkpoint ({error})") from error
-    if META_KEY not in arrays:
+        data = np.load(source, allow_pickle=False)
+    except _UNREADABLE as error:
+        raise CheckpointError(
+            f"{source}: unreadable checkpoint, truncated or corrupt ({error})"
+        ) from error
+    if not hasattr(data, "files"):  # a bare .npy array, not an archive
+        raise CheckpointError(f"{source}: not an FLQ checkpoint (not an .npz archive)")
+    with data:
+        yield data
+
+
+def _meta(source: Path, data: Any) -> dict[str, Any]:
+    if META_KEY not in data.files:
         raise CheckpointError(f"{source}: not an FLQ checkpoint (no {META_KEY})")
-    meta = json.loads(arrays.pop(META_KEY).tobytes())
+    try:
+        meta: dict[str, Any] = json.loads(data[META_KEY].tobytes())
+    except (*_UNREADABLE, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{source}: unreadable checkpoint ({error})") from error
     if meta.pop("format_version", None) != FORMAT_VERSION:
         raise CheckpointError(f"{source}: checkpoint format differs from {FORMAT_VERSION}")
-    return _unflatten(arrays, meta)
+    return meta
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, dict) and "__arrays__" in value

@@ -31,7 +31,7 @@ from flq.master.driver import RoundDriver, StopRules
 from flq.master.federation import Federation, build_federation
 from flq.master.outcome import RoundOutcome
 from flq.master.servicer import FLQServicer
-from flq.master.startup import StartupError, listen_problem
+from flq.master.startup import StartupError, listen_problem, prepare_run_dir
 from flq.metrics import MetricsServer
 from flq.pb import flq_pb2_grpc as pb_grpc
 from flq.security import MasterSecurity, load_master_security, server_credentials
@@ -90,9 +90,15 @@ class MasterDaemon:
         self._install_signal_handlers()
         watchdog = notify.start_watchdog()  # systemd's WatchdogSec: pings from this loop
         self._security = load_master_security(self.cfg.security)  # bad files fail fast
+        prepare_run_dir(self.run_dir, self.cfg, resume=self.options.resume)
         self._server = self._bind_server(self._security)  # a taken port too, before TF loads
         federation = await asyncio.to_thread(self.options.federation_factory, self.cfg)
-        books = RoundBookkeeper(federation, self.run_dir, resume=self.options.resume)
+        books = RoundBookkeeper(
+            federation,
+            self.run_dir,
+            resume=self.options.resume,
+            checkpoint_every=self.cfg.system.checkpoint_every,
+        )
         self.control.attach(federation, books)
         await self._start_server()
         driver = self._driver(federation, books)

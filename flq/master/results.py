@@ -47,6 +47,7 @@ EXTRA_COLUMNS = (
     "rejected",  # "w3:update norm ... > 10 x median ...": refused uploads and sessions, and why
 )
 COLUMNS = FIXED_COLUMNS + EXTRA_COLUMNS
+ROUNDS_CSV = "rounds.csv"  # in the run directory
 
 
 def round_row(
@@ -100,7 +101,7 @@ class ResultsWriter:
     def __init__(self, directory: str | os.PathLike[str], *, resume: bool = False) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.csv_path = self.directory / "rounds.csv"
+        self.csv_path = self.directory / ROUNDS_CSV
         keep = resume and self.csv_path.exists()
         self._handle = self.csv_path.open("a" if keep else "w", newline="")
         self._writer = csv.DictWriter(self._handle, fieldnames=COLUMNS, extrasaction="raise")
@@ -150,3 +151,49 @@ def _number(value: str) -> float | int | str:
 def read_rounds(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     with Path(path).open(newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def reconcile_rounds(
+    path: str | os.PathLike[str], next_round: int, checkpoint_row: Mapping[str, str] | None
+) -> None:
+    """Make rounds.csv agree with a checkpoint taken after round `next_round - 1`, before a
+    resumed run appends to it: rows of later rounds (written after that checkpoint, for rounds
+    the resumed run does again) and a line cut by a kill go; the checkpoint's own row, which it
+    carries, comes back if the kill fell between the checkpoint and the row. Then every round
+    is in the file once. Rewritten atomically, only when something changes."""
+    target = Path(path)
+    rows = read_rounds(target) if target.exists() else []
+    kept = [r for r in rows if (_round_of(r) or next_round) < next_round]  # None: cut short
+    restored = None
+    if checkpoint_row is not None and _round_of(checkpoint_row) not in {_round_of(r) for r in kept}:
+        restored = dict(checkpoint_row)
+        kept.append(restored)
+    if restored is None and len(kept) == len(rows):
+        return
+    _rewrite(target, kept)
+    log.warning(
+        "rounds.csv reconciled with the checkpoint",
+        path=str(target),
+        dropped=[r.get("round") for r in rows if r not in kept],
+        restored=None if restored is None else restored.get("round"),
+    )
+
+
+def _round_of(row: Mapping[str, Any]) -> int | None:
+    if None in row.values() or None in row:  # a line cut short (or run on) by a kill
+        return None
+    try:
+        return int(row["round"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _rewrite(target: Path, rows: list[dict[str, str]]) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)

@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import errno
 import socket
+import tempfile
+from pathlib import Path
 
+import structlog
+
+from flq.config import Config
 from flq.errors import UsageError
+from flq.master.checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_meta, run_identity
+from flq.master.checkpoint import remove_orphans as remove_checkpoint_orphans
+
+log = structlog.get_logger("flq.master")
 
 
 class StartupError(UsageError, RuntimeError):
@@ -37,3 +46,42 @@ def listen_problem(host: str, port: int) -> str:
                 return "not an address of this machine"
             return error.strerror or str(error)
     return "gRPC could not bind it"
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool) -> None:
+    """Before anything is built: the results directory takes files, temporaries of a checkpoint
+    write killed mid-way are gone, and --resume has a checkpoint of this run to resume."""
+    check_writable(run_dir)
+    orphans = remove_checkpoint_orphans(run_dir / CHECKPOINT_NAME)
+    if orphans:
+        log.warning("removed temporaries of interrupted checkpoint writes", count=len(orphans))
+    if resume:
+        check_resumable(run_dir / CHECKPOINT_NAME, cfg)
+
+
+def check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as error:
+        raise StartupError(
+            f"{run_dir}: cannot write results there ({error.strerror or error})"
+        ) from None
+
+
+def check_resumable(path: Path, cfg: Config) -> None:
+    """The checkpoint is there, readable, and of a run like this config's (mode, model,
+    dataset): what can be known without building the model. Its shapes are checked when the
+    state loads."""
+    meta = checkpoint_meta(path)
+    saved = meta.get("run") or {"mode": meta.get("master", {}).get("mode")}  # older files
+    wanted = run_identity(cfg)
+    differ = [key for key, value in saved.items() if key in wanted and value != wanted[key]]
+    if differ:
+        theirs = ", ".join(f"{key} {saved[key]}" for key in differ)
+        ours = ", ".join(f"{key} {wanted[key]}" for key in differ)
+        raise CheckpointError(
+            f"{path}: written by a run with {theirs}; this config has {ours} "
+            "(resume with the config it was written with, or start a new run without --resume)"
+        )

@@ -419,16 +419,6 @@ def _flq_process(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
 @pytest.mark.slow
 def test_operator_path_tls_status_metrics_and_graceful_stop(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]

@@ -218,10 +218,7 @@ def test_bytes_that_are_no_protobuf_are_refused_logged_and_counted(serving_maste
             raw = channel.stream_stream("/flq.v1.FLQ/Session", None, None)  # bytes as they are
             call = raw()
             await call.write(b"\xff\xfe\xfd not a protobuf \x00\x01")
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                async for _ in call:
-                    pass
-            return refused.value.code(), refused.value.details() or ""
+            return await _refusal(call)
 
     with capture_logs() as logs:
         code, details = loop.run_until_complete(send_garbage())
@@ -243,10 +240,7 @@ def test_an_overlong_worker_id_is_refused_without_being_echoed(serving_master: A
         async with await _channel(daemon.port) as channel:
             call = pb_grpc.FLQStub(channel).Session()
             await call.write(_hello(worker_id=long_id))
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                async for _ in call:
-                    pass
-            return refused.value.code(), refused.value.details() or ""
+            return await _refusal(call)
 
     with capture_logs() as logs:
         code, details = loop.run_until_complete(hello())
@@ -256,3 +250,11 @@ def test_an_overlong_worker_id_is_refused_without_being_echoed(serving_master: A
     assert "x" * 100 not in repr(logs)
     assert daemon.federation.registry.get(long_id) is None
     assert daemon.metrics.rejected_count("malformed") == 1
+
+
+async def _refusal(call: Any) -> tuple[grpc.StatusCode, str]:
+    """The status and details a Session call the master refuses ends with."""
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        async for _ in call:
+            pass
+    return refused.value.code(), refused.value.details() or ""

@@ -15,7 +15,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: help venv demo test lint format typecheck unit proto proto-check bench bench-codec \
         bench-accuracy bench-laq bench-update-error bench-compare bench-rounds bench-scale bench-rss bench-soak \
-        system-deps clean \
+        bench-robust system-deps clean \
         compat
 
 help:
@@ -145,8 +145,13 @@ SOAK_ARGS ?= --duration 600 --seed 1
 bench-soak: $(STAMP)
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_soak $(SOAK_ARGS) --json docs/results/soak.json
 
+# Robust aggregation rules against one attacker among 10 workers (digits), ~20 min.
+bench-robust: $(STAMP)
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_robust run
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_robust table
+
 bench: bench-codec bench-compare bench-rounds bench-scale bench-rss bench-laq bench-update-error bench-accuracy \
-       bench-soak
+       bench-soak bench-robust
 
 clean:
 	rm -rf $(VENV) $(PROTO_VENV) $(BENCH_VENV) $(COMPAT_VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

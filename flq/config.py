@@ -35,6 +35,7 @@ Partition = Literal["iid", "dirichlet", "shards"]
 ModelName = Literal["logreg", "mlp", "cnn"]
 ClientOptimizer = Literal["sgd", "adam"]
 Mode = Literal["fedavg", "laq8", "bbit", "bin", "stc", "sti"]
+GapCode = Literal["best", "golomb"]
 ServerOptimizer = Literal["avg", "sgd", "adam", "yogi", "adagrad"]
 Weighting = Literal["samples", "uniform", "llm"]
 AggregationRule = Literal["mean", "trimmed_mean", "median", "norm_clipped"]
@@ -373,6 +374,13 @@ class AlgorithmConfig:
             "model, sent as +-mu).",
             above=0,
             maximum=1,
+        ),
+    )
+    gap_code: GapCode = field(
+        default="best",
+        metadata=rule(
+            "stc, sti: how kept positions are coded: golomb (Golomb-Rice, the STC paper's) or "
+            "best (per tensor the smaller of Golomb-Rice and Huffman-coded gap classes)."
         ),
     )
     down_density: float = field(

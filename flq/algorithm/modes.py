@@ -116,11 +116,12 @@ def encode_update(
     stochastic_rounding: bool = False,
     bbit_block: int = 0,
     density: float = 0.01,
+    gap_classes: bool = True,
 ) -> list[EncodedTensor]:
     """Encode a whole update: stc and sti pick their top values over all tensors together, the
     other modes encode each tensor on its own."""
     if is_sparse(mode):
-        return sparsify(values, density)
+        return sparsify(values, density, gap_classes)
     return [encode_upload(mode, v, b_up, rng, stochastic_rounding, bbit_block) for v in values]
 
 
@@ -131,6 +132,7 @@ def check_upload(
     shapes: Sequence[tuple[int, ...]],
     bbit_block: int = 0,
     density: float = 1.0,
+    gap_classes: bool = True,
 ) -> None:
     """Raise ValueError unless `encoded` is what a worker in `mode` sends for these shapes."""
     if len(encoded) != len(shapes):
@@ -138,7 +140,7 @@ def check_upload(
     expected_codec = upload_codec(mode, bbit_block)
     for index, (tensor, shape) in enumerate(zip(encoded, shapes, strict=True)):
         if tensor.codec != expected_codec and not (
-            is_sparse(mode) and tensor.codec in SPARSE_CODECS
+            is_sparse(mode) and gap_classes and tensor.codec in SPARSE_CODECS
         ):
             raise ValueError(
                 f"tensor {index}: codec {Codec(tensor.codec).name}, mode {mode} sends "

@@ -54,6 +54,8 @@ class RoundConfigLike(Protocol):
     def error_feedback(self) -> bool: ...
     @property
     def density(self) -> float: ...
+    @property
+    def gap_code(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class UploadSettings:
     stochastic_rounding: bool = False  # bbit only
     bbit_block: int = 0  # bbit only: 0 = LAQ grid, N = block grid with N values per radius
     density: float = 0.01  # stc only: fraction of the update's values each upload keeps
+    gap_classes: bool = True  # stc, sti: gap classes where smaller than Golomb-Rice
 
     @property
     def uses_residual(self) -> bool:
@@ -120,6 +123,7 @@ class UploadReference:
             stochastic_rounding=bool(config.stochastic_rounding),
             bbit_block=int(config.bbit_block),
             density=float(config.density),
+            gap_classes=config.gap_code != "golomb",
         )
 
     @classmethod
@@ -200,7 +204,14 @@ class UploadReference:
     ) -> list[EncodedTensor]:
         s = self.settings
         return encode_update(
-            s.mode, values, s.b_up, rng, s.stochastic_rounding, s.bbit_block, s.density
+            s.mode,
+            values,
+            s.b_up,
+            rng,
+            s.stochastic_rounding,
+            s.bbit_block,
+            s.density,
+            s.gap_classes,
         )
 
     def _quantize_innovation(

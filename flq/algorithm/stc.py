@@ -22,8 +22,11 @@ from flq.codec import Codec, EncodedTensor
 from flq.codec.sparse import check_density, keep_count, ternary_tensor, top_k
 
 
-def sparsify(values: Sequence[np.ndarray], density: float) -> list[EncodedTensor]:
-    """STC_p of the update `values` (finite float32 tensors), one encoded tensor each."""
+def sparsify(
+    values: Sequence[np.ndarray], density: float, gap_classes: bool = True
+) -> list[EncodedTensor]:
+    """STC_p of the update `values` (finite float32 tensors), one encoded tensor each; without
+    `gap_classes` every tensor's positions are Golomb-Rice-coded, as in the paper."""
     check_density(density)
     flats = [np.asarray(v, dtype=np.float32).reshape(-1) for v in values]
     whole = np.concatenate(flats) if flats else np.zeros(0, np.float32)
@@ -36,7 +39,8 @@ def sparsify(values: Sequence[np.ndarray], density: float) -> list[EncodedTensor
     for index, value in enumerate(values):
         first, last = cuts[index], cuts[index + 1]
         local = positions[first:last] - bounds[index]
-        encoded.append(ternary_tensor(np.shape(value), local, picked[first:last] > 0, mu))
+        positive = picked[first:last] > 0
+        encoded.append(ternary_tensor(np.shape(value), local, positive, mu, gap_classes))
     return encoded
 
 

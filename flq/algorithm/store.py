@@ -46,6 +46,7 @@ class ContributionStore:
         bbit_block: int = 0,
         max_absent: int | None = None,  # None: counts however long its worker is gone
         density: float = 1.0,
+        gap_classes: bool = True,
     ) -> None:
         self.shapes: Shapes = [tuple(int(d) for d in shape) for shape in shapes]
         self.mode = mode
@@ -53,6 +54,7 @@ class ContributionStore:
         self.bbit_block = bbit_block
         self.max_absent = max_absent
         self.density = density  # stc: the most values an upload may keep, as a fraction
+        self.gap_classes = gap_classes  # stc, sti: False = Golomb-Rice only
         self._entries: dict[str, _Entry] = {}
 
     # ------------------------------------------------------------ queries
@@ -100,7 +102,15 @@ class ContributionStore:
 
     def check(self, encoded: Sequence[EncodedTensor]) -> None:
         """Raise ValueError unless `encoded` is a well-formed upload for this mode and model."""
-        check_upload(self.mode, self.b_up, encoded, self.shapes, self.bbit_block, self.density)
+        check_upload(
+            self.mode,
+            self.b_up,
+            encoded,
+            self.shapes,
+            self.bbit_block,
+            self.density,
+            self.gap_classes,
+        )
 
     def candidate(self, worker_id: str, encoded: Sequence[EncodedTensor]) -> list[np.ndarray]:
         """What Q_i would become with this upload (nothing changes); ValueError if the upload is

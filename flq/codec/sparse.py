@@ -194,9 +194,14 @@ def top_k(magnitudes: np.ndarray, k: int) -> np.ndarray:
 
 
 def ternary_tensor(
-    shape: tuple[int, ...], positions: np.ndarray, positive: np.ndarray, mu: float
+    shape: tuple[int, ...],
+    positions: np.ndarray,
+    positive: np.ndarray,
+    mu: float,
+    gap_classes: bool = True,
 ) -> EncodedTensor:
-    """The SPARSE_TERNARY tensor that is +-mu at `positions` (sorted) and 0 elsewhere."""
+    """The tensor that is +-mu at `positions` (sorted) and 0 elsewhere: SPARSE_TERNARY
+    (Golomb-Rice), or SPARSE_TERNARY_GAPCLASS where allowed and smaller."""
     count = math.prod(shape)
     nnz = int(positions.size)
     if nnz > min(count, _MAX_NNZ):
@@ -206,7 +211,7 @@ def ternary_tensor(
         raise CodecError(f"mu: got {mu!r}, expected a finite magnitude that fits float32")
     scales = (mu32, float(nnz))
     b = rice_bits(nnz / count) if count else 0
-    _, _, class_bits = gapclass.plan(_gaps(positions))
+    class_bits = gapclass.plan(_gaps(positions))[2] if gap_classes else math.inf
     if -(-class_bits // 8) < -(-coded_bits(positions, b) // 8):  # the smaller code is sent
         data, classes = gapclass.encode(_gaps(positions), positive)
         return EncodedTensor(Codec.SPARSE_TERNARY_GAPCLASS, tuple(shape), classes, scales, data)

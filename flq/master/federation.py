@@ -43,6 +43,7 @@ def round_config_from(cfg: Config) -> RoundConfig:
         stochastic_rounding=algo.stochastic_rounding,
         bbit_block=algo.bbit_block,
         density=algo.density,
+        gap_code=algo.gap_code,
         error_feedback=algo.error_feedback,
         deadline_ms=int(cfg.system.round_timeout_s * 1000),
         optimizer=model.optimizer,

@@ -42,6 +42,7 @@ class AlgorithmSettings:
     density: float = 0.01
     b_down: int = 32
     down_density: float = 0.0
+    gap_code: str = "best"
     server_optimizer: str = "avg"
     server_lr: float = 1.0
     weighting: str = "samples"
@@ -59,6 +60,7 @@ def algorithm_settings_from(cfg: Config) -> AlgorithmSettings:
         density=algo.density,
         b_down=algo.b_down,
         down_density=algo.down_density,
+        gap_code=algo.gap_code,
         server_optimizer=algo.server_optimizer,
         server_lr=algo.server_lr,
         weighting=algo.weighting,
@@ -119,10 +121,13 @@ class MasterState:
             settings.b_up,
             settings.bbit_block,
             density=settings.density,
+            gap_classes=settings.gap_code != "golomb",
             max_absent=settings.max_absent,
         )
         self.optimizer = make_server_optimizer(settings.server_optimizer, settings.server_lr)
-        self.downlink = DownlinkSender(settings.b_down, settings.down_density)
+        self.downlink = DownlinkSender(
+            settings.b_down, settings.down_density, settings.gap_code != "golomb"
+        )
         # "llm" decides per round (WeightDecision); without a decision its rule is sample counts.
         self.weighting = make_weighting(
             "samples" if settings.weighting == "llm" else settings.weighting

@@ -312,3 +312,17 @@ def test_malformed_class_code_payloads_are_refused() -> None:
     for tensor, message in cases:
         with pytest.raises(CodecError, match=message):
             validate(tensor)
+
+
+def test_golomb_only_is_the_papers_code_and_the_master_holds_workers_to_it() -> None:
+    rng = np.random.default_rng(11)
+    values = [np.zeros(s, np.float32) for s in SHAPES]
+    values[0].reshape(-1)[:60] = rng.standard_normal(60)  # clustered: gap classes would win
+    best, golomb = sparsify(values, 0.05), sparsify(values, 0.05, gap_classes=False)
+    assert best[0].codec == Codec.SPARSE_TERNARY_GAPCLASS
+    assert all(e.codec == Codec.SPARSE_TERNARY for e in golomb)
+    for a, b, shape in zip(best, golomb, SHAPES, strict=True):
+        np.testing.assert_array_equal(decode(a, shape), decode(b, shape))  # lossless either way
+    ContributionStore(SHAPES, "stc", density=0.05, gap_classes=False).check(golomb)
+    with pytest.raises(ValueError, match="codec SPARSE_TERNARY_GAPCLASS, mode stc sends"):
+        ContributionStore(SHAPES, "stc", density=0.05, gap_classes=False).check(best)

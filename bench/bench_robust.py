@@ -82,6 +82,7 @@ def run_one(
         trainers[ATTACKER] = Attacker(trainers[ATTACKER], FACTORS[attack])
     started = time.perf_counter()
     result = simulate(cfg, run_dir, trainers=trainers)
+    (run_dir / "rounds.xlsx").unlink(missing_ok=True)  # keep docs/results small: csv only
     summary = {
         "run": name,
         "rule": rule,

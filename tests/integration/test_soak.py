@@ -11,13 +11,7 @@ from tests.soak.injector import FAULT_CLASSES, SoakSettings, run_soak
 
 pytestmark = pytest.mark.slow
 
-# Fault classes main does not survive yet, each with the defect (issue 10) that breaks it and who
-# is fixing it. A class leaves this table, and joins the soak, when its fix lands.
-STILL_BREAKS = {
-    "master_kill": "issue 10 #6: a kill between the checkpoint and the rounds.csv row loses the "
-    "row for good (relproc)",
-}
-SURVIVED = tuple(f for f in FAULT_CLASSES if f not in STILL_BREAKS)
+SURVIVED = FAULT_CLASSES  # every fault class issue 10 names
 
 
 def test_fault_soak_keeps_every_invariant(
@@ -32,16 +26,10 @@ def test_fault_soak_keeps_every_invariant(
     assert report.honest_aggregated == report.honest_possible > 0
 
 
-@pytest.mark.parametrize(
-    "fault",
-    [
-        pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=why))
-        for f, why in STILL_BREAKS.items()
-    ],
-)
-def test_fault_class_not_yet_survived(tmp_path: Path, fault: str) -> None:
-    # One injection; a master kill aimed between its two files, where it breaks every time.
-    settings = SoakSettings(seed=11, duration_s=1.0, faults=(fault,), aimed_master_kill=1.0)
+def test_a_master_kill_between_checkpoint_and_row_keeps_every_invariant(tmp_path: Path) -> None:
+    """One master kill aimed between its two files, where it once lost the round's row for good
+    (issue 10 #6): on --resume rounds.csv gets it back from the checkpoint."""
+    settings = SoakSettings(seed=11, duration_s=1.0, faults=("master_kill",), aimed_master_kill=1.0)
     report = run_soak(tmp_path, settings)
-    assert report.injected == {fault: 1}
+    assert report.injected == {"master_kill": 1}
     assert not report.violations, report.summary()

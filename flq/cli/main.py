@@ -74,7 +74,7 @@ def config_show(
     typer.echo(json.dumps(config_to_dict(cfg), indent=2) if as_json else dumps_toml(cfg))
 
 
-Mode = Literal["fedavg", "laq8", "bbit", "bin"]
+Mode = Literal["fedavg", "laq8", "bbit", "bin", "stc", "sti"]  # as flq.config.Mode
 Dataset = Literal["digits", "fashion-mnist", "mnist", "npz", "synthetic"]
 ModelName = Literal["logreg", "mlp", "cnn"]
 Weighting = Literal["samples", "uniform", "llm"]

@@ -7,6 +7,7 @@
     python -m bench.bench_accuracy table fmnist --plot docs/img/fmnist-accuracy.png
     python -m bench.bench_accuracy run laq-gd laq-qgd laq-laq        # the LAQ paper's setting
     python -m bench.bench_accuracy laq laq-gd laq-qgd laq-laq        # its table + loss plot
+    python -m bench.bench_accuracy curves fmnist-stc-p1 fmnist-bin --every 25  # runs in flight too
 
 Each run writes docs/results/<run>[-<tag>]/: rounds.csv (the daemons' format), config.toml (the
 resolved config, every default filled in) and summary.json (wall time, machine). `table` reads
@@ -275,6 +276,31 @@ def markdown_table(stats: list[RunStats]) -> str:
     return "\n".join(lines)
 
 
+def curves_table(run_dirs: list[Path], every: int) -> str:
+    """Accuracy and cumulative uplink / downlink bits every `every` rounds, side by side, for
+    runs finished or still in flight (rounds.csv only)."""
+    columns = []
+    for run_dir in run_dirs:
+        with (run_dir / "rounds.csv").open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        up = down = 0.0
+        points: dict[int, str] = {}
+        for row in rows:
+            up += float(row["uplink_bits"])
+            down += float(row["downlink_bits"])
+            if int(row["round"]) % every == 0 and _acc(row) > -math.inf:
+                points[int(row["round"])] = f"{_acc(row):.3f} / {up:.3g} / {down:.3g}"
+        columns.append(points)
+    rounds = sorted({r for points in columns for r in points})
+    lines = [
+        "| round | " + " | ".join(d.name for d in run_dirs) + " |",
+        "|---:|" + "---|" * len(run_dirs),
+    ]
+    for r in rounds:
+        lines.append(f"| {r} | " + " | ".join(c.get(r, "") for c in columns) + " |")
+    return "\n".join(lines)
+
+
 def verdict(stats: list[RunStats]) -> str:
     lines = []
     for s in stats:
@@ -453,6 +479,12 @@ def main(argv: list[str] | None = None) -> int:
     laq.add_argument("names", nargs="+", help="run directory names")
     laq.add_argument("--out", type=Path, default=RESULTS)
     laq.add_argument("--plot", type=Path, default=IMAGES / "laq-loss.png")
+    curves = sub.add_parser(
+        "curves", help="accuracy / cumulative uplink / downlink bits every N rounds, any run"
+    )
+    curves.add_argument("names", nargs="+", help="run directory names")
+    curves.add_argument("--out", type=Path, default=RESULTS)
+    curves.add_argument("--every", type=int, default=50)
     terms = sub.add_parser("lazy-terms", help="summarise a run's lazy_trace.csv into JSON")
     terms.add_argument("trace", type=Path, help="lazy_trace.csv written by run --trace")
     terms.add_argument("--json", type=Path, help="where to write the summary")
@@ -463,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         if args.json:
             args.json.write_text(text + "\n")
+        return 0
+    if args.command == "curves":
+        print(curves_table([args.out / n for n in args.names], args.every))
         return 0
     if args.command == "laq":
         print(laq_report([args.out / n for n in args.names], args.plot))

@@ -127,7 +127,7 @@ def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
         )
 
 
-class Federation:
+class DemoCluster:
     """The processes of one local federation, and their orderly end."""
 
     def __init__(self, cfg: Config, run_dir: Path) -> None:
@@ -199,12 +199,12 @@ def run_demo(
 ) -> DemoSummary:
     cfg = demo_config(options)
     run_dir = options.out or Path("results") / time.strftime("demo-%Y%m%d-%H%M%S")
-    federation = Federation(cfg, run_dir)
+    cluster = DemoCluster(cfg, run_dir)
     started = time.monotonic()
-    federation.start()
+    cluster.start()
     seen = 0
     try:
-        while federation.master_running():
+        while cluster.master_running():
             if time.monotonic() - started > options.timeout_s:
                 raise TimeoutError(
                     f"demo did not finish within {options.timeout_s:.0f} s; "
@@ -214,8 +214,8 @@ def run_demo(
             time.sleep(0.3)
         _report_new_rows(run_dir, seen, on_round)
     finally:
-        federation.stop()
-    master = federation.master
+        cluster.stop()
+    master = cluster.master
     if master is not None and master.returncode != 0:
         raise RuntimeError(f"master exited with {master.returncode}; see {run_dir / 'master.log'}")
     return summarize(run_dir, cfg, time.monotonic() - started)

@@ -57,7 +57,7 @@ class RoundBookkeeper:
             raise ValueError("resume needs checkpoints")
         saved = load_checkpoint(self.checkpoint_path)
         try:
-            self.federation.state.load_state(saved["master"])
+            self.federation.state.restore(saved["master"])
         except (KeyError, ValueError) as error:  # another model, mode or an older format
             raise CheckpointError(
                 f"{self.checkpoint_path}: cannot resume from it: {error}"
@@ -112,7 +112,7 @@ class RoundBookkeeper:
     def _snapshot(self) -> dict[str, Any]:
         """The checkpoint's content, copied: the arrays are the state's own copies."""
         snapshot: dict[str, Any] = {
-            "master": self.federation.state.state(),
+            "master": self.federation.state.snapshot(),
             "totals": dict(self.totals),
             "accuracy": self.last_accuracy,
             "loss": self.last_loss,

@@ -48,6 +48,9 @@ __all__ = ["EngineSettings", "RoundEngine", "RoundOutcome"]
 
 @dataclass(frozen=True)
 class EngineSettings:
+    """What the engine needs from the config: what workers are told each round, the selection
+    rule (top-k and bit budget) and the deadlines (flq.master.federation builds it)."""
+
     round_config: RoundConfig
     sel_clients: int = 0
     up_budget_bits: float = 0.0

@@ -15,7 +15,7 @@ import numpy as np
 
 from flq.config import Config
 from flq.master.engine import EngineSettings, RoundEngine
-from flq.master.llm import LlmWeighting
+from flq.master.llm import LlmAdvisor
 from flq.master.registry import Registry
 from flq.master.state import MasterState, algorithm_settings_from
 from flq.synthetic import SyntheticEvaluation, problem_for
@@ -181,6 +181,6 @@ def build_federation(cfg: Config, evaluation: ModelEvaluation | None = None) -> 
         )
     state = MasterState(evaluation.initial_weights, algorithm_settings_from(cfg))
     registry = Registry()
-    advisor = LlmWeighting.from_config(cfg.llm) if cfg.flq_algorithm.weighting == "llm" else None
+    advisor = LlmAdvisor.from_config(cfg.llm) if cfg.flq_algorithm.weighting == "llm" else None
     engine = RoundEngine(state, registry, engine_settings_from(cfg), advisor)
     return Federation(cfg, state, registry, engine, evaluation)

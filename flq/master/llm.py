@@ -5,7 +5,7 @@ The seam: after a round's uploads land, the round engine hands a `WeightAdvisor`
 `ContributorFacts` per worker whose contribution counts this round and awaits a `WeightDecision`
 (weights, source, confidence, reasoning); the master's step then aggregates with those weights.
 
-`LlmWeighting` is that advisor. It wraps a fallback rule (sample counts) instead of replacing it:
+`LlmAdvisor` is that advisor. It wraps a fallback rule (sample counts) instead of replacing it:
 
 - every `cache_rounds` rounds it asks the model, through the SDK's async client, for JSON that
   follows a response schema: one weight per worker id, a short reasoning, a confidence in [0, 1];
@@ -310,7 +310,7 @@ class _Cached:
     proposal: Proposal
 
 
-class LlmWeighting:
+class LlmAdvisor:
     """The LLM's weights every `cache_rounds` rounds, the cache in between, the rule on failure."""
 
     name = "llm"
@@ -339,7 +339,7 @@ class LlmWeighting:
             )
 
     @classmethod
-    def from_config(cls, cfg: LlmConfig, environ: Mapping[str, str] | None = None) -> LlmWeighting:
+    def from_config(cls, cfg: LlmConfig, environ: Mapping[str, str] | None = None) -> LlmAdvisor:
         return cls(LlmSettings.from_config(cfg, environ), environ=environ)
 
     # ------------------------------------------------------------ WeightAdvisor

@@ -184,7 +184,8 @@ class MasterState:
 
     # ------------------------------------------------------------ checkpoint
 
-    def state(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a checkpoint needs to resume this state (copies, safe to write later)."""
         return {
             "round": self.round,
             "lazy_scalar": self.lazy_scalar,
@@ -195,7 +196,8 @@ class MasterState:
             "downlink": self.downlink.state(),
         }
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Resume from a `snapshot()`; refuses one of another mode or model shape."""
         if state["mode"] != self.settings.mode:
             raise ValueError(
                 f"checkpoint is for mode {state['mode']!r}, config says "

@@ -153,6 +153,9 @@ class WorkerState:
 
 @dataclass(frozen=True)
 class SessionOptions:
+    """How a worker session behaves beside what the master dictates: what its Hello reports
+    (device, location) and how often it sends heartbeats while it trains."""
+
     device: DeviceInfo = field(default_factory=DeviceInfo)
     location: Location = field(default_factory=Location)
     heartbeat_interval_s: float = 5.0

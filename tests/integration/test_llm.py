@@ -24,7 +24,7 @@ from flq.admin import AdminTarget, admin_client
 from flq.config import Config, default_config, with_overrides
 from flq.log import QUIET_ENV
 from flq.master.federation import build_federation
-from flq.master.llm import BASE_URL_ENV, ContributorFacts, LlmSettings, LlmWeighting
+from flq.master.llm import BASE_URL_ENV, ContributorFacts, LlmAdvisor, LlmSettings
 from flq.master.results import read_rounds
 from flq.pb import flq_pb2 as pb
 from flq.sim import simulate_async
@@ -68,11 +68,11 @@ def standin() -> Iterator[GeminiStandIn]:
         yield server
 
 
-def advisor(server: GeminiStandIn, **settings: Any) -> LlmWeighting:
-    return LlmWeighting(LlmSettings(base_url=server.base_url, **settings), environ=KEY_ENV)
+def advisor(server: GeminiStandIn, **settings: Any) -> LlmAdvisor:
+    return LlmAdvisor(LlmSettings(base_url=server.base_url, **settings), environ=KEY_ENV)
 
 
-async def advise(adv: LlmWeighting, round_id: int, facts: list[ContributorFacts] = FACTS) -> Any:
+async def advise(adv: LlmAdvisor, round_id: int, facts: list[ContributorFacts] = FACTS) -> Any:
     try:
         return await adv.advise(round_id, facts)
     finally:
@@ -163,7 +163,7 @@ def test_an_unreachable_endpoint_falls_back() -> None:
     server = GeminiStandIn().start()
     url = server.base_url
     server.stop()  # nothing listens there any more
-    adv = LlmWeighting(LlmSettings(base_url=url, timeout_s=5.0), environ=KEY_ENV)
+    adv = LlmAdvisor(LlmSettings(base_url=url, timeout_s=5.0), environ=KEY_ENV)
     decision = asyncio.run(advise(adv, 1))
     assert decision.source == "fallback:network" and decision.weights == SAMPLE_WEIGHTS
 
@@ -205,7 +205,7 @@ def test_cached_weights_are_those_of_the_answer(standin: GeminiStandIn) -> None:
 
 
 def test_without_a_key_nothing_is_sent(standin: GeminiStandIn) -> None:
-    adv = LlmWeighting(LlmSettings(base_url=standin.base_url), environ={})
+    adv = LlmAdvisor(LlmSettings(base_url=standin.base_url), environ={})
     decision = asyncio.run(advise(adv, 1))
     assert decision.source == "fallback:no_api_key" and standin.requests == []
 

@@ -210,7 +210,7 @@ def test_step_that_would_not_be_finite_drops_the_culprit(optimizer: str) -> None
 
 def test_checkpoint_with_a_non_finite_model_is_refused() -> None:
     state = MasterState(_model(0.0), AlgorithmSettings(mode="fedavg"))
-    saved = state.state()
+    saved = state.snapshot()
     saved["weights"] = _model(np.inf)
     with pytest.raises(ValueError, match="NaN or infinity"):
-        MasterState(_model(0.0), AlgorithmSettings(mode="fedavg")).load_state(saved)
+        MasterState(_model(0.0), AlgorithmSettings(mode="fedavg")).restore(saved)

@@ -224,7 +224,7 @@ class Soak:
         await asyncio.sleep(self.rng.uniform(0.2, 1.5))
         self.fleet.start_worker(worker)
         self.down.discard(worker)
-        self.watcher.undo(worker)
+        self._undo(worker)
 
     async def worker_stop(self) -> None:
         worker = self.rng.choice(self.fleet.honest)
@@ -232,7 +232,7 @@ class Soak:
         self.fleet.signal_worker(worker, signal.SIGSTOP)
         await asyncio.sleep(self._hold_s())
         self.fleet.signal_worker(worker, signal.SIGCONT)
-        self.watcher.undo(worker)
+        self._undo(worker)
 
     async def master_kill(self) -> None:
         for worker in self.fleet.honest:
@@ -246,8 +246,9 @@ class Soak:
         self.fleet.start_master(resume=True)
         self.down.discard("master")
         self._last_progress = time.monotonic()
+        await self._master_answers()
         for worker in self.fleet.honest:
-            self.watcher.undo(worker)
+            self._undo(worker)
 
     async def _between_checkpoint_and_row(self) -> None:
         """Freeze the master the moment its checkpoint or rounds.csv changes; return (to be
@@ -264,6 +265,15 @@ class Soak:
                 return
             before = _stamps(files)
             self.fleet.signal_master(signal.SIGCONT)
+
+    def _undo(self, worker: str) -> None:
+        self.watcher.undo(worker, rows_written=len(complete_rounds(self.fleet.run_dir)))
+
+    async def _master_answers(self) -> None:
+        """Until the restarted master serves Status (bounded by recovery_s)."""
+        deadline = time.monotonic() + self.settings.recovery_s
+        while await self.fleet.status() is None and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_S)
 
     async def client(self, behaviour: str) -> None:
         worker_id = f"{behaviour}-{next(self._adversary_ids)}"

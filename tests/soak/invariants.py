@@ -32,7 +32,7 @@ class _Disturbance:
     """An honest worker hit by a fault: excused until it is back and answering in time."""
 
     fault: str
-    undone: bool = False
+    undone_at_row: int | None = None  # rows.csv's length when the fault was undone
 
 
 def parse_failures(cell: str) -> dict[str, str]:
@@ -79,14 +79,16 @@ class Watcher:
         """Workers are still starting: each is excused until it is first back."""
         for worker in self.honest:
             self.disturb(worker)
-            self.undo(worker)
+            self.undo(worker, rows_written=0)
 
     def disturb(self, worker_id: str) -> None:
         self.disturbed[worker_id] = _Disturbance(self.fault)
 
-    def undo(self, worker_id: str) -> None:
+    def undo(self, worker_id: str, rows_written: int) -> None:
+        """The fault is over; only rows after the `rows_written` already in rounds.csv (then
+        written by the restarted or thawed process) can show the worker back."""
         if worker_id in self.disturbed:
-            self.disturbed[worker_id].undone = True
+            self.disturbed[worker_id].undone_at_row = rows_written
 
     def recovering(self) -> list[str]:
         return sorted(self.disturbed)
@@ -108,6 +110,7 @@ class Watcher:
 
     def _check_row(self, row: dict[str, str]) -> None:
         round_id = int(row["round"])
+        index = self.counts.rounds
         self.counts.rounds += 1
         if round_id != self.last_round + 1:
             what = "repeated" if round_id <= self.last_round else "missing rounds"
@@ -125,7 +128,7 @@ class Watcher:
         fresh = set(filter(None, row["fresh"].split(";")))
         failures = parse_failures(row["failures"])
         refused = parse_failures(row.get("rejected") or "")
-        self._check_honest(round_id, fresh, failures, refused)
+        self._check_honest(round_id, index, fresh, failures, refused)
         weighed = set(parse_failures(row["weights_used"]))
         spoiled = ((fresh | weighed) & self.adversaries) | (fresh & set(refused))
         if spoiled:
@@ -135,7 +138,12 @@ class Watcher:
             )
 
     def _check_honest(
-        self, round_id: int, fresh: set[str], failures: dict[str, str], refused: dict[str, str]
+        self,
+        round_id: int,
+        index: int,
+        fresh: set[str],
+        failures: dict[str, str],
+        refused: dict[str, str],
     ) -> None:
         for worker in self.honest:
             self.counts.honest_aggregated += worker in fresh
@@ -155,7 +163,7 @@ class Watcher:
                 )
             if watch is not None:
                 self.counts.honest_lost_to_own_fault += why is not None
-                self._advance_recovery(worker, watch, fresh)
+                self._advance_recovery(worker, watch, index, fresh)
                 continue
             if why is not None:
                 self.counts.honest_lost_responsive += 1
@@ -169,10 +177,13 @@ class Watcher:
                     f"round {round_id}: {worker} is not connected",
                 )
 
-    def _advance_recovery(self, worker: str, watch: _Disturbance, fresh: set[str]) -> None:
-        """Back once an upload of it reached the model after the fault was undone (the soak's
-        lazy rule forces one every few rounds)."""
-        if watch.undone and worker in fresh:
+    def _advance_recovery(
+        self, worker: str, watch: _Disturbance, index: int, fresh: set[str]
+    ) -> None:
+        """Back once an upload of it reached the model in a round after the fault was undone
+        (the soak's lazy rule forces one every few rounds)."""
+        undone = watch.undone_at_row
+        if undone is not None and index >= undone and worker in fresh:
             del self.disturbed[worker]
 
     def _check_checkpoint(self) -> None:

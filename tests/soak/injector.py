@@ -42,8 +42,6 @@ class SoakSettings:
     fleet: FleetSettings = field(default_factory=FleetSettings)
     recovery_s: float = 25.0  # how long a worker hit by a fault may take to be back
     stall_s: float = 30.0  # no new round for this long (master running) = the federation stalled
-    # How often a master kill aims between the checkpoint and the rounds.csv row (else: anywhere).
-    aimed_master_kill: float = 0.5
 
 
 @dataclass
@@ -56,6 +54,7 @@ class SoakReport:
     honest_possible: int = 0
     honest_lost_to_own_fault: int = 0
     adversaries: list[AdversaryResult] = field(default_factory=list)
+    kills_between_files: int = 0  # master kills that landed between checkpoint and row
     master_resets: int = 0
     worker_resets: int = 0
     violations: list[str] = field(default_factory=list)
@@ -70,8 +69,9 @@ class SoakReport:
             f"{self.honest_possible} (failures while their own worker was down or frozen: "
             f"{self.honest_lost_to_own_fault})",
             f"adversary sessions {len(self.adversaries)}, bad uploads sent after a grant {bad}; "
-            f"explicit reference resets: master {self.master_resets}, "
-            f"workers {self.worker_resets}",
+            f"master kills between its checkpoint and its rounds.csv row "
+            f"{self.kills_between_files}; explicit reference resets: master "
+            f"{self.master_resets}, workers {self.worker_resets}",
             f"violations: {len(self.violations)}",
             *(f"  {v}" for v in self.violations[:SHOWN_VIOLATIONS]),
         ]
@@ -237,8 +237,8 @@ class Soak:
     async def master_kill(self) -> None:
         for worker in self.fleet.honest:
             self.watcher.disturb(worker)
-        if self.rng.random() < self.settings.aimed_master_kill:
-            await self._between_checkpoint_and_row()
+        if self.report.injected["master_kill"] % 2 == 1:  # the first, third, ... kill aims
+            self.report.kills_between_files += await self._between_checkpoint_and_row()
         else:
             await asyncio.sleep(self.rng.uniform(0.0, 0.5))  # anywhere in a round
         self.down.add("master")
@@ -250,7 +250,7 @@ class Soak:
         for worker in self.fleet.honest:
             self._undo(worker)
 
-    async def _between_checkpoint_and_row(self) -> None:
+    async def _between_checkpoint_and_row(self) -> bool:
         """Freeze the master the moment its checkpoint or rounds.csv changes; return (to be
         killed) if the other one has not caught up, else let it run to the next round. The
         power cut that lands between the two writes, found in a few rounds instead of luck."""
@@ -262,9 +262,10 @@ class Soak:
                 await asyncio.sleep(0.001)
             self.fleet.signal_master(signal.SIGSTOP)
             if _checkpointed_round(files[0]) != _last_row(self.fleet.run_dir):
-                return
+                return True
             before = _stamps(files)
             self.fleet.signal_master(signal.SIGCONT)
+        return False
 
     def _undo(self, worker: str) -> None:
         self.watcher.undo(worker, rows_written=len(complete_rounds(self.fleet.run_dir)))

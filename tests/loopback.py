@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from flq.config import Config
 from flq.master.daemon import MasterDaemon, MasterOptions
 from flq.master.federation import build_federation
@@ -65,3 +67,14 @@ def connect_workers(
         )
         for state, trainer in zip(states, trainers, strict=True)
     ]
+
+
+async def final_status(call: Any) -> grpc.StatusCode:
+    """Read a Session call to its end and return the status it ended with."""
+    try:
+        async for _ in call:
+            pass
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    code: grpc.StatusCode = await call.code()
+    return code

@@ -27,9 +27,8 @@ from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
 from flq import serde
-from flq.certs import init_directory
 from flq.cli.main import app
-from flq.config import Config, default_config, with_overrides
+from flq.config import Config
 from flq.demo import free_port
 from flq.errors import EXIT_REFUSED, EXIT_UNREACHABLE
 from flq.learning.data import DatasetSpec
@@ -41,6 +40,7 @@ from flq.master.results import read_rounds
 from flq.pb import flq_pb2 as pb
 from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
 from flq.types import ModelInfo, StatusReply, WorkerStatus
+from tests.configs import small_config
 from tests.loopback import connect_workers
 
 PROBLEM = SyntheticProblem(dim=12, samples_per_worker=32, seed=7)
@@ -68,19 +68,16 @@ DIGITS_LOGREG = {"model.name": "logreg", "dataset.name": "digits"}  # with evalu
 
 
 def config(**overrides: Any) -> Config:
-    base = {
+    settings = {
         "system.total_workers": 2,
         "system.min_workers": 2,
         "system.max_rounds": 10_000,
-        "system.round_timeout_s": 5.0,
-        "system.master_url": "http://127.0.0.1:0",
         "dataset.name": "synthetic",
         "dataset.synthetic_train_s": 0.02,
         "flq_algorithm.b_down": 8,
         "lazy_selection.warmup": 1,
     }
-    base.update(overrides)
-    return with_overrides(default_config(), base)
+    return small_config(settings, overrides)
 
 
 class MasterThread:
@@ -257,10 +254,8 @@ def test_admin_token_is_required_when_the_master_has_one(
 
 
 def test_status_over_mutual_tls(
-    masters: list[MasterThread], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    masters: list[MasterThread], certs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    certs = tmp_path / "certs"
-    init_directory(certs, "127.0.0.1", ["w0"])
     name, _, digest = (certs / "master.env").read_text().strip().partition("=")
     monkeypatch.setenv(name, digest)
     cfg = config(

@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pytest
 
-from flq import serde
 from flq.config import default_config, with_overrides
 from flq.master.checkpoint import load_checkpoint, save_checkpoint
 from flq.master.daemon import MasterDaemon
 from flq.master.results import read_rounds
 from flq.synthetic import SyntheticProblem, SyntheticTrainer
-from flq.types import RoundStart
 from flq.worker.session import WorkerState
 from tests.loopback import connect_workers, start_synthetic_master
 
@@ -27,17 +23,9 @@ ROUNDS = 4
 
 
 def test_round_start_is_converted_once_per_round_for_all_workers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, round_start_conversions: list[int]
 ) -> None:
-    converted: list[int] = []  # the round of every RoundStart converted to protobuf
-    real = serde.master_message_to_proto
-
-    def counting(message: Any) -> Any:
-        if isinstance(message, RoundStart):
-            converted.append(message.round)
-        return real(message)
-
-    monkeypatch.setattr(serde, "master_message_to_proto", counting)
+    converted = round_start_conversions
     cfg = with_overrides(
         default_config(),
         {

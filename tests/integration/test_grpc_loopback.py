@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 from flq import serde
 from flq.admin import AdminTarget, admin_client
 from flq.codec import decode
-from flq.config import Config, default_config, with_overrides
+from flq.config import Config
 from flq.grpc_options import CLIENT_OPTIONS
 from flq.master.daemon import MasterDaemon
 from flq.master.results import read_rounds
@@ -28,26 +28,22 @@ from flq.pb import flq_pb2 as pb
 from flq.pb import flq_pb2_grpc as pb_grpc
 from flq.synthetic import SyntheticProblem, SyntheticTrainer
 from flq.types import PROTOCOL_VERSION, StatusReply
-from tests.loopback import connect_workers, start_synthetic_master
+from tests.configs import small_config
+from tests.loopback import connect_workers, final_status, start_synthetic_master
 
 PROBLEM = SyntheticProblem(dim=40, samples_per_worker=64, seed=5)
 
 
 def make_config(**overrides: Any) -> Config:
-    base = {
-        "system.total_workers": 3,
-        "system.min_workers": 3,
+    settings = {
         "system.max_rounds": 6,
-        "system.round_timeout_s": 5.0,
         "flq_algorithm.mode": "bbit",
         "flq_algorithm.b_up": 4,
         "flq_algorithm.b_down": 8,
         "model.lr": 0.05,
         "lazy_selection.warmup": 1,
-        "system.master_url": "http://127.0.0.1:0",
     }
-    base.update(overrides)
-    return with_overrides(default_config(), base)
+    return small_config(settings, overrides)
 
 
 async def start_master(cfg: Config, run_dir: Path) -> tuple[MasterDaemon, asyncio.Task[None]]:
@@ -117,12 +113,7 @@ async def _session_status(port: int, *messages: pb.WorkerMessage) -> grpc.Status
         call = pb_grpc.FLQStub(channel).Session()
         for message in messages:
             await call.write(message)
-        try:
-            async for _ in call:
-                pass
-        except grpc.aio.AioRpcError as error:
-            return error.code()
-        return await call.code()
+        return await final_status(call)
 
 
 def _hello(**fields: Any) -> pb.WorkerMessage:

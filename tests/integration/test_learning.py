@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from flq.learning.data import ArrayData, DatasetSpec, load_dataset
+from flq.learning.data import ArrayData, DatasetSpec
 from flq.learning.device import apply_device_caps, quiet_tensorflow_env
 from flq.learning.models import build_model, count_parameters
 from flq.learning.tfimport import keras, tf
@@ -22,11 +22,6 @@ from flq.learning.trainer import Evaluator, LocalTrainer, Weights
 from flq.types import TrainSpec
 
 SMALL_PARTITION = 40
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[DatasetSpec, ArrayData, ArrayData]:
-    return load_dataset("digits", seed=0)
 
 
 @pytest.fixture(scope="module")

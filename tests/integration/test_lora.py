@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from flq.config import Config, default_config, with_overrides
-from flq.learning.data import ArrayData, DatasetSpec, load_dataset
+from flq.learning.data import ArrayData, DatasetSpec
 from flq.learning.lora import (
     LoraSpec,
     apply_lora,
@@ -43,11 +43,6 @@ RANK = 4
 HIDDEN = 32
 # mlp on 8x8 digits: hidden (64 -> 32) and probs (32 -> 10) get A (in x r) and B (r x out).
 ADAPTER_SHAPES = [(64, RANK), (RANK, HIDDEN), (HIDDEN, RANK), (RANK, 10)]
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[DatasetSpec, ArrayData, ArrayData]:
-    return load_dataset("digits", seed=0)
 
 
 def test_spec_parses_the_config_form() -> None:

@@ -26,7 +26,7 @@ from flq.pb import flq_pb2_grpc as pb_grpc
 from flq.synthetic import SyntheticProblem, SyntheticTrainer
 from flq.worker.connection import Backoff, run_connected
 from flq.worker.session import SessionOptions, WorkerState
-from tests.loopback import start_synthetic_master
+from tests.loopback import final_status, start_synthetic_master
 
 PROBLEM = SyntheticProblem(dim=16, samples_per_worker=32, seed=3)
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -65,12 +65,7 @@ async def send_malformed_session(port: int) -> grpc.StatusCode:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CLIENT_OPTIONS) as channel:
         call = pb_grpc.FLQStub(channel).Session()
         await call.write(pb.WorkerMessage())  # an empty oneof: malformed
-        try:
-            async for _ in call:
-                pass
-        except grpc.aio.AioRpcError as error:
-            return error.code()
-        return await call.code()
+        return await final_status(call)
 
 
 def test_master_and_worker_metrics_move_with_rounds(tmp_path: Path) -> None:

@@ -32,16 +32,9 @@ from flq.synthetic import SyntheticProblem, SyntheticTrainer
 from flq.types import PROTOCOL_VERSION
 from flq.worker.connection import Backoff, FatalConnectionError, run_connected
 from flq.worker.session import SessionEnd, SessionOptions, WorkerState
-from tests.loopback import start_synthetic_master
+from tests.loopback import final_status, start_synthetic_master
 
 PROBLEM = SyntheticProblem(dim=24, samples_per_worker=48, seed=11)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("certs")
-    init_directory(directory, "127.0.0.1", ["w0", "w1", "w2"])
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -420,12 +413,7 @@ def _bad_token_attempt(stub: pb_grpc.FLQStub, token: str, extra: int) -> Any:
             await call.done_writing()
         except grpc.aio.AioRpcError:
             pass  # the refusal arrived first; its status is read below
-        try:
-            async for _ in call:
-                pass
-        except grpc.aio.AioRpcError as error:
-            return error.code()
-        return await call.code()
+        return await final_status(call)
 
     return attempt()
 

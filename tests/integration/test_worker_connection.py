@@ -18,7 +18,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from flq.codec import EncodedTensor, encode_float32, encode_laq_grid, split_tensors
-from flq.config import Config, default_config, with_overrides
+from flq.config import Config
 from flq.demo import free_port
 from flq.memlink import memory_link_pair
 from flq.synthetic import SyntheticProblem, SyntheticTrainer
@@ -26,22 +26,18 @@ from flq.types import RoundConfig, RoundStart, Welcome
 from flq.worker import session as worker_session
 from flq.worker.connection import Backoff, FatalConnectionError, run_connected
 from flq.worker.session import SessionEnd, SessionOptions, WorkerState, run_session
+from tests.configs import small_config
 from tests.loopback import start_synthetic_master
 
 PROBLEM = SyntheticProblem(dim=16, samples_per_worker=32, seed=3)
 
 
 def make_config(**overrides: Any) -> Config:
-    base = {
-        "system.total_workers": 3,
-        "system.min_workers": 3,
+    settings = {
         "system.max_rounds": 1000,
-        "system.round_timeout_s": 5.0,
-        "system.master_url": "http://127.0.0.1:0",
         "flq_algorithm.mode": "bbit",
     }
-    base.update(overrides)
-    return with_overrides(default_config(), base)
+    return small_config(settings, overrides)
 
 
 def worker(port: int, stop: asyncio.Event, index: int = 0, **backoff: Any) -> Any:

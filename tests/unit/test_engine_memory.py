@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flq.config import Config, default_config, with_overrides
+from flq.config import Config
 from flq.link import ProtocolViolation
 from flq.master.federation import Federation, build_federation
 from flq.memlink import memory_link_pair
@@ -23,24 +23,21 @@ from flq.sim import simulate_async
 from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
 from flq.types import PROTOCOL_VERSION, Hello, ResetReference, TrainSpec, UpdateChunk, UploadOffer
 from flq.worker.session import SessionOptions, WorkerState, run_session
+from tests.configs import small_config
 
 PROBLEM = SyntheticProblem(dim=30, samples_per_worker=48, seed=3)
 
 
 def make_config(**overrides: Any) -> Config:
-    base = {
-        "system.total_workers": 3,
-        "system.min_workers": 3,
+    settings = {
         "system.max_rounds": 12,
-        "system.round_timeout_s": 5.0,
         "model.lr": 0.05,
         "model.local_steps": 1,
         "dataset.batch_size": 16,
         "flq_algorithm.b_down": 32,
         "lazy_selection.warmup": 0,
     }
-    base.update(overrides)
-    return with_overrides(default_config(), base)
+    return small_config(settings, overrides)
 
 
 def run(

@@ -9,16 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
-from flq import serde
 from flq.algorithm import DownlinkSender
 from flq.config import default_config, with_overrides
 from flq.master.federation import build_federation, round_config_from
 from flq.master.prepared import PreparedRound
 from flq.sim import simulate_async
 from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
-from flq.types import RoundStart
 
 SHAPES = [(40, 3), (3,)]
 
@@ -63,18 +60,10 @@ def test_a_worker_that_missed_rounds_gets_its_own_chain_not_the_shared_delta() -
 
 
 def test_a_simulated_round_measures_each_payload_once_for_all_workers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, round_start_conversions: list[int]
 ) -> None:
+    converted = round_start_conversions
     problem = SyntheticProblem(dim=20, samples_per_worker=32, seed=4)
-    converted: list[int] = []  # the round of every RoundStart converted to protobuf
-    real = serde.master_message_to_proto
-
-    def counting(message: Any) -> Any:
-        if isinstance(message, RoundStart):
-            converted.append(message.round)
-        return real(message)
-
-    monkeypatch.setattr(serde, "master_message_to_proto", counting)
     cfg = with_overrides(
         default_config(),
         {

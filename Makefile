@@ -15,6 +15,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: help venv demo test lint format typecheck unit proto proto-check bench bench-codec \
         bench-accuracy bench-laq bench-update-error bench-compare bench-rounds bench-scale bench-rss bench-soak \
+        bench-checkpoint \
         bench-robust system-deps clean \
         compat
 
@@ -137,6 +138,9 @@ bench-rounds: $(STAMP)
 bench-scale: $(STAMP)
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_rounds scale --json docs/results/daemons/scale.json
 
+bench-checkpoint: $(STAMP)
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_checkpoint --json docs/results/daemons/checkpoint.json
+
 bench-rss: $(STAMP) system-deps
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_rss --json docs/results/daemons/rss.json
 
@@ -150,7 +154,7 @@ bench-robust: $(STAMP)
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_robust run
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_robust table
 
-bench: bench-codec bench-compare bench-rounds bench-scale bench-rss bench-laq bench-update-error bench-accuracy \
+bench: bench-codec bench-compare bench-rounds bench-scale bench-checkpoint bench-rss bench-laq bench-update-error bench-accuracy \
        bench-soak bench-robust
 
 clean:

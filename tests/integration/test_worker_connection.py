@@ -28,6 +28,7 @@ from flq.worker.connection import Backoff, FatalConnectionError, run_connected
 from flq.worker.session import SessionEnd, SessionOptions, WorkerState, run_session
 from tests.configs import small_config
 from tests.loopback import start_synthetic_master
+from tests.waits import until
 
 PROBLEM = SyntheticProblem(dim=16, samples_per_worker=32, seed=3)
 
@@ -115,7 +116,7 @@ def test_jitter_goes_on_top_of_the_masters_reconnect_delay(tmp_path: Path) -> No
             )
             for i in range(3)
         ]
-        await asyncio.wait_for(_until(lambda: daemon_rounds(tmp_path) >= 1), 30)
+        await asyncio.wait_for(until(lambda: daemon_rounds(tmp_path) >= 1), 30)
         daemon.request_stop("test over")
         await asyncio.wait_for(master, 20)
         await asyncio.sleep(0.3)
@@ -139,11 +140,6 @@ def daemon_rounds(run_dir: Path) -> int:
     return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
 
 
-async def _until(condition: Any) -> None:
-    while not condition():
-        await asyncio.sleep(0.05)
-
-
 def test_a_worker_returns_within_seconds_of_the_master_serving_again(tmp_path: Path) -> None:
     """The master is away long enough for the worker's backoff to reach 20 s; once a master
     serves on that address the worker redials within a few seconds, not when its sleep ends."""
@@ -158,7 +154,7 @@ def test_a_worker_returns_within_seconds_of_the_master_serving_again(tmp_path: P
         daemon, master = await start_synthetic_master(cfg, tmp_path, PROBLEM, port=port)
         serving = time.monotonic()
         try:
-            await asyncio.wait_for(_until(lambda: daemon_rounds(tmp_path) >= 1), 15)
+            await asyncio.wait_for(until(lambda: daemon_rounds(tmp_path) >= 1), 15)
             return time.monotonic() - serving
         finally:
             daemon.request_stop("test over")

@@ -21,9 +21,18 @@ from flq.master.federation import Federation, build_federation
 from flq.memlink import memory_link_pair
 from flq.sim import simulate_async
 from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
-from flq.types import PROTOCOL_VERSION, Hello, ResetReference, TrainSpec, UpdateChunk, UploadOffer
+from flq.types import (
+    PROTOCOL_VERSION,
+    Hello,
+    ResetReference,
+    Shutdown,
+    TrainSpec,
+    UpdateChunk,
+    UploadOffer,
+)
 from flq.worker.session import SessionOptions, WorkerState, run_session
 from tests.configs import small_config
+from tests.waits import until
 
 PROBLEM = SyntheticProblem(dim=30, samples_per_worker=48, seed=3)
 
@@ -218,10 +227,12 @@ def test_master_and_worker_references_stay_identical(tmp_path: Path) -> None:
             await federation.engine.accept(master_end)
         for _ in range(cfg.system.max_rounds):
             await federation.engine.run_round()
-        await asyncio.sleep(0.05)  # let the last round's commits land worker-side
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # A session handles its messages in order: once it has read the Shutdown and ended,
+        # the last round's commits have landed worker-side.
+        for record in federation.registry.connected():
+            assert record.link is not None
+            await record.link.send(Shutdown(cfg.system.max_rounds, "test over", reconnect=False))
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
         return federation, states
 
     federation, states = asyncio.run(scenario())
@@ -403,28 +414,50 @@ def test_a_first_message_other_than_hello_is_refused() -> None:
     asyncio.run(scenario())
 
 
+class _HeldTrainer:
+    """A trainer that says when train() starts and returns only once released."""
+
+    def __init__(self, inner: SyntheticTrainer) -> None:
+        self.inner = inner
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    @property
+    def num_samples(self) -> int:
+        return self.inner.num_samples
+
+    def train(self, weights: list[np.ndarray], spec: TrainSpec) -> Any:
+        self.started.set()
+        self.release.wait(10)
+        return self.inner.train(weights, spec)
+
+
 def test_heartbeats_keep_a_training_worker_seen() -> None:
     cfg = make_config(**{"system.total_workers": 1, "system.min_workers": 1})
 
     async def scenario() -> tuple[float, float, float]:
         federation = build_federation(cfg, SyntheticEvaluation(PROBLEM))
         master_end, worker_end = memory_link_pair("w0")
-        slow = SyntheticTrainer(PROBLEM, 0, delay_s=0.8)
+        trainer = _HeldTrainer(SyntheticTrainer(PROBLEM, 0))
         session = asyncio.create_task(
             run_session(
-                WorkerState("w0"), slow, worker_end, SessionOptions(heartbeat_interval_s=0.1)
+                WorkerState("w0"), trainer, worker_end, SessionOptions(heartbeat_interval_s=0.1)
             )
         )
         record = await federation.engine.accept(master_end)
         connected_at = record.last_seen
         round_task = asyncio.create_task(federation.engine.run_round())
-        await asyncio.sleep(0.5)  # the worker is still inside train()
+        await asyncio.to_thread(trainer.started.wait, 10)
+        started_at = record.last_seen
+        # The worker is held inside train(): only its heartbeats can move last_seen now.
+        await asyncio.wait_for(until(lambda: record.last_seen > started_at + 0.2), 10)
         mid_training = record.last_seen
+        trainer.release.set()
         await round_task
         session.cancel()
         await asyncio.gather(session, return_exceptions=True)
         return connected_at, mid_training, record.last_seen
 
     connected_at, mid_training, after = asyncio.run(scenario())
-    assert mid_training > connected_at + 0.2, "heartbeats must arrive while the worker trains"
+    assert mid_training > connected_at + 0.2  # seen again while held inside train()
     assert after >= mid_training

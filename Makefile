@@ -75,7 +75,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 test: $(STAMP) $(PROTO_STAMP) system-deps lint typecheck
-	$(QUIET_ENV) FLQ_PROTO_PYTHON=$(PROTO_VENV)/bin/python $(BIN)/pytest $(PYTEST_ARGS)
+	$(QUIET_ENV) FLQ_REQUIRE_ALL=1 FLQ_PROTO_PYTHON=$(PROTO_VENV)/bin/python $(BIN)/pytest $(PYTEST_ARGS)
 
 # JetPack 6's line (not part of test): tensorflow-cpu 2.16.1 with protobuf 4.25 and gRPC 1.62,
 # the pins of jetson/requirements-jp6.txt, the project itself with --no-deps; then the unit and

@@ -1,8 +1,10 @@
-"""Fixtures the unit and integration suites share (one copy each)."""
+"""Fixtures the unit and integration suites share (one copy each), and the markers for tests
+that need more than a plain checkout."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,40 @@ import pytest
 
 from flq import serde
 from flq.types import RoundStart
+
+ROOT = Path(__file__).resolve().parents[1]
+# `make test` sets it: there a missing resource fails its test instead of skipping it.
+REQUIRE_ALL_ENV = "FLQ_REQUIRE_ALL"
+
+
+def _proto_venv_present() -> bool:
+    default = ROOT / ".venv-proto" / "bin" / "python"
+    return Path(os.environ.get("FLQ_PROTO_PYTHON", str(default))).exists()
+
+
+def _system_deps_present() -> bool:
+    from flq.learning.data import DEFAULT_DIRS
+
+    return Path(DEFAULT_DIRS["fashion-mnist"]).is_dir()
+
+
+# marker -> (is the resource here?, how to get it)
+RESOURCES: dict[str, tuple[Callable[[], bool], str]] = {
+    "proto_venv": (_proto_venv_present, "run `make proto`"),
+    "system_deps": (_system_deps_present, "run `sudo make system-deps`"),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a plain checkout, tests whose resource is missing are skipped with the way to get it;
+    under `make test` (FLQ_REQUIRE_ALL=1) they run and fail loudly instead."""
+    if os.environ.get(REQUIRE_ALL_ENV):
+        return
+    missing = {name: how for name, (present, how) in RESOURCES.items() if not present()}
+    for item in items:
+        for name, how in missing.items():
+            if name in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=f"{name} missing: {how}"))
 
 
 @pytest.fixture(scope="session")

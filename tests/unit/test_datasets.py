@@ -191,6 +191,7 @@ def test_decoded_arrays_are_cached_read_only_and_refreshed_when_the_file_changes
     assert len(changed) == 7
 
 
+@pytest.mark.system_deps
 def test_fashion_mnist_loads_from_the_debian_package() -> None:
     # `make test` installs dataset-fashion-mnist (Makefile: system-deps); its load speed is
     # measured in bench/, not asserted here.

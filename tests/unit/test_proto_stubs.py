@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 GENERATED = ("flq_pb2.py", "flq_pb2.pyi", "flq_pb2_grpc.py")
 
@@ -18,6 +20,7 @@ def _proto_python() -> str:
     return path
 
 
+@pytest.mark.proto_venv
 def test_regenerating_the_stubs_changes_nothing(tmp_path: Path) -> None:
     python = _proto_python()
     version = subprocess.run(
@@ -42,6 +45,7 @@ def test_regenerating_the_stubs_changes_nothing(tmp_path: Path) -> None:
         assert (tmp_path / name).read_text() == committed, f"flq/pb/{name} is stale: run make proto"
 
 
+@pytest.mark.proto_venv
 def test_stubs_import_on_protobuf_4_25() -> None:
     # The tool venv carries protobuf 4.25 (JetPack 6's line): the stubs must load there too.
     code = (

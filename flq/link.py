@@ -60,13 +60,17 @@ class ReceivedByWorker:
 
 @dataclass(frozen=True, eq=False)
 class DownlinkPayload:
-    """One encoding of a round's model (the b_down delta, or the float32 keyframe) as the
-    RoundStart messages that carry it. Every worker that needs this encoding is sent these same
-    messages, so a transport converts or measures them once per round (`PayloadCache`)."""
+    """One encoding of a round's model (the b_down delta, a catch-up chain of deltas, or the
+    float32 keyframe) as the RoundStart messages that carry it. Every worker that needs this
+    encoding is sent these same messages, so a transport converts or measures them once per
+    round (`PayloadCache`)."""
 
     round: int
     kind: Literal["delta", "keyframe"]
     version: int  # the downlink reference version a worker holds once it applied the payload
+    # The version a worker must hold to apply it (-1: a keyframe, applied on any): the shared
+    # delta starts at version - 1, a catch-up chain further back.
+    base_version: int
     messages: tuple[RoundStart, ...]
     bits: int  # cost of the encoded tensors (packed bits + headers)
 
@@ -79,12 +83,12 @@ class PayloadCache(Generic[T]):
     def __init__(self, build: Callable[[RoundStart], T]) -> None:
         self._build = build
         self._round = -1
-        self._forms: dict[tuple[str, int], list[T]] = {}
+        self._forms: dict[tuple[str, int, int], list[T]] = {}
 
     def get(self, payload: DownlinkPayload) -> list[T]:
         if payload.round != self._round:
             self._round, self._forms = payload.round, {}
-        key = (payload.kind, payload.version)
+        key = (payload.kind, payload.version, payload.base_version)
         forms = self._forms.get(key)
         if forms is None:
             forms = self._forms[key] = [self._build(m) for m in payload.messages]

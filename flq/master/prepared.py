@@ -1,9 +1,10 @@
 """One round's downlink, prepared once and shared by every worker of the round.
 
 The engine asks `PreparedRound.payload_for(version)` for each worker: a worker that holds the
-previous downlink reference gets the b_down delta, any other the float32 keyframe of the new
-reference. Each of the two is split into RoundStart messages at most once per round, and the
-links convert (gRPC) or measure (in memory) each `DownlinkPayload` once (flq.link.PayloadCache).
+previous downlink reference gets the b_down delta, one a few rounds behind the chain of deltas it
+missed, any other the float32 keyframe of the new reference. Each is split into RoundStart
+messages at most once per round, and the links convert (gRPC) or measure (in memory) each
+`DownlinkPayload` once (flq.link.PayloadCache, keyed by kind, version and base version).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class PreparedRound:
         self.config = config
         self.lazy_scalar = lazy_scalar
         self._downlink = downlink
-        self._payloads: dict[str, DownlinkPayload] = {}
+        self._payloads: dict[int, DownlinkPayload] = {}  # by base version
 
     @property
     def version(self) -> int:
@@ -36,9 +37,9 @@ class PreparedRound:
         encoded, is_keyframe = self._downlink.payload_for(worker_version)
         kind: Literal["delta", "keyframe"] = "keyframe" if is_keyframe else "delta"
         # A worker further behind gets its own chain of deltas, shared only with workers that
-        # hold the same version (flq/algorithm/downlink.py), so deltas are keyed by length too.
-        key = kind if is_keyframe else f"{kind}:{len(encoded)}"
-        payload = self._payloads.get(key)
+        # hold the same version (flq/algorithm/downlink.py): a delta is keyed by where it starts.
+        base = -1 if is_keyframe else worker_version
+        payload = self._payloads.get(base)
         if payload is None:
             groups = group_chunks(split_tensors(encoded))
             messages = tuple(
@@ -54,6 +55,13 @@ class PreparedRound:
                 for part, group in enumerate(groups)
             )
             bits = sum(e.cost_bits() for e in encoded)
-            payload = DownlinkPayload(self.round, kind, self.version, messages, bits)
-            self._payloads[key] = payload
+            payload = DownlinkPayload(
+                round=self.round,
+                kind=kind,
+                version=self.version,
+                base_version=base,
+                messages=messages,
+                bits=bits,
+            )
+            self._payloads[base] = payload
         return payload

@@ -12,10 +12,12 @@ import numpy as np
 
 from flq.algorithm import DownlinkSender
 from flq.config import default_config, with_overrides
+from flq.link import PayloadCache
 from flq.master.federation import build_federation, round_config_from
 from flq.master.prepared import PreparedRound
 from flq.sim import simulate_async
 from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
+from flq.types import RoundStart
 
 SHAPES = [(40, 3), (3,)]
 
@@ -84,3 +86,17 @@ def test_a_simulated_round_measures_each_payload_once_for_all_workers(
     )
     assert [r["failed"] for r in rows] == [0, 0, 0]
     assert sorted(converted) == [1, 2, 3]  # four workers, one measurement per round
+
+
+def test_a_transport_converts_the_chain_and_the_shared_delta_apart() -> None:
+    """Found by the fault soak: keyed by (kind, version) alone, the gRPC cache served the first
+    worker's catch-up chain to every in-sync worker of the round, which refused it."""
+    sender = DownlinkSender(b_down=4)
+    for seed in range(3):
+        sender.prepare(_theta(seed))
+    prepared = PreparedRound(4, sender.prepare(_theta(3)), round_config_from(default_config()), 0.5)
+    chain, delta = prepared.payload_for(2), prepared.payload_for(3)
+    assert (chain.base_version, delta.base_version) == (2, 3)
+    cache: PayloadCache[RoundStart] = PayloadCache(lambda message: message)
+    assert cache.get(chain) == list(chain.messages)
+    assert cache.get(delta) == list(delta.messages) != list(chain.messages)

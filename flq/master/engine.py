@@ -42,6 +42,7 @@ from flq.types import (
 log = structlog.get_logger("flq.master")
 OFFER_SHARE = 0.8  # offers are taken for at most this share of the round; the rest is for uploads
 RESET_SEND_S = 1.0  # how long a ResetReference may take to send before the round moves on
+SILENT_ROUNDS = 2  # a worker without an offer in this many rounds in a row is not waited for
 
 __all__ = ["EngineSettings", "RoundEngine", "RoundOutcome"]
 
@@ -86,19 +87,21 @@ class _WorkerRound:
 @dataclass(eq=False)
 class _OfferCutoff:
     """When the round stops waiting for offers: at the earliest of
-    - every worker has offered (or its task ended: it left, failed or broke the protocol);
+    - every awaited worker has offered (or its task ended: it left, failed or broke the
+      protocol); a worker silent for SILENT_ROUNDS rounds in a row is not awaited (it may still
+      offer, and is awaited again once it has);
     - a quorum has offered and a grace period has passed since: max(grace_s, the time the
       quorum took), so stragglers get as long again as the quorum needed, and at least grace_s;
     - `latest` (OFFER_SHARE of the round's time), with whatever offers are in hand.
     Offers after the cut-off are answered "late"; `selection` is the round's one decision."""
 
-    expected: int
+    awaited: frozenset[WorkerRecord]
     quorum: int
     grace_s: float
     started: float
     latest: float
     offers: dict[WorkerRecord, UploadOffer] = field(default_factory=dict)
-    ended: int = 0  # tasks finished without an offer in time
+    ended: set[WorkerRecord] = field(default_factory=set)  # tasks over without an offer in time
     quorum_at: float | None = None
     closed: bool = False
     selection: asyncio.Future[Selection] = field(
@@ -122,12 +125,12 @@ class _OfferCutoff:
     def task_done(self, record: WorkerRecord) -> None:
         """A worker's task ended; without an offer in hand there is nothing more to wait for."""
         if record not in self.offers:
-            self.ended += 1
+            self.ended.add(record)
         self._changed.set()
 
     def _left(self, now: float) -> float:
         """Seconds until the cut-off (0: now)."""
-        if len(self.offers) + self.ended >= self.expected or now >= self.latest:
+        if self.awaited <= self.offers.keys() | self.ended or now >= self.latest:
             return 0.0
         if self.quorum_at is None:
             return self.latest - now
@@ -167,6 +170,7 @@ class RoundEngine:
         self.registry = registry
         self.settings = settings
         self.advisor = advisor  # proposes each round's aggregation weights (weighting = "llm")
+        self._silent: dict[str, int] = {}  # rounds in a row without an offer, by worker
 
     # ------------------------------------------------------------ sessions
 
@@ -186,6 +190,7 @@ class RoundEngine:
                 replaced, Shutdown(self.state.round, "replaced by a new session", reconnect=False)
             )
         reset = reconcile_references(hello, record, self.state)
+        self._silent.pop(hello.worker_id, None)  # a new session is awaited from its first round
         await link.send(welcome_for(hello, link.session_id, self.state, reset))
         log.info(
             "worker connected",
@@ -228,9 +233,13 @@ class RoundEngine:
             self.settings.round_config,
             self.state.lazy_scalar,
         )
+        # Not waiting for the long silent keeps a frozen board from costing every round a grace;
+        # with nobody else left, everyone is awaited (no round may spin through without waiting).
+        awaited = [r for r in records if self._silent.get(r.worker_id, 0) < SILENT_ROUNDS]
+        awaited = awaited or records
         cutoff = _OfferCutoff(
-            expected=len(records),
-            quorum=self._quorum(len(records)),
+            awaited=frozenset(awaited),
+            quorum=self._quorum(len(awaited)),
             grace_s=self.settings.offer_grace_s,
             started=loop.time(),
             latest=loop.time() + OFFER_SHARE * self.settings.round_timeout_s,
@@ -517,6 +526,9 @@ class RoundEngine:
         """Workers that answered this round (an offer, even late, or a Skip) are present; a
         contribution whose worker stayed away too long stops counting (flq.algorithm.store)."""
         present = {p.record.worker_id for p in parts if p.offer is not None or p.skipped}
+        for part in parts:
+            worker = part.record.worker_id
+            self._silent[worker] = 0 if worker in present else self._silent.get(worker, 0) + 1
         for worker_id in self.state.store.note_round(present):
             log.warning(
                 "stale contribution no longer counts: worker absent",

@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--faults", default=",".join(FAULT_CLASSES), help="comma-separated fault classes"
     )
-    parser.add_argument("--workers", type=int, default=3)
-    parser.add_argument("--round-timeout", type=float, default=2.0)
+    fleet = FleetSettings()
+    parser.add_argument("--workers", type=int, default=fleet.workers)
+    parser.add_argument("--round-timeout", type=float, default=fleet.round_timeout_s)
     parser.add_argument("--dir", type=Path, default=None, help="keep logs and results here")
     parser.add_argument("--json", type=Path, default=None, help="write the counts here")
     args = parser.parse_args(argv)

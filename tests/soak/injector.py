@@ -92,7 +92,12 @@ class Soak:
         evaluation = SyntheticEvaluation(problem_for(cfg))
         initial_loss, _ = evaluation.evaluate(evaluation.initial_weights)
         # Twice the untrained model's loss: training only lowers it; a spoiled model blows it up.
-        self.watcher = Watcher(self.fleet.run_dir, self.fleet.honest, 2.0 * initial_loss)
+        self.watcher = Watcher(
+            self.fleet.run_dir,
+            self.fleet.honest,
+            loss_bound=2.0 * initial_loss,
+            deadline_s=settings.fleet.round_timeout_s,
+        )
         self.report = SoakReport(settings)
         self.down: set[str] = set()  # processes the injector took down on purpose
         self.fatal = asyncio.Event()

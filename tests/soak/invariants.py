@@ -16,6 +16,8 @@ import numpy as np
 from flq.master.checkpoint import load_checkpoint
 from flq.types import StatusReply
 
+STARVED = 1.25  # a round this many times its deadline long: the master itself was stalled
+
 
 @dataclass(frozen=True)
 class Violation:
@@ -59,6 +61,7 @@ class Watcher:
     run_dir: Path
     honest: list[str]
     loss_bound: float  # a loss above this means something spoiled the model
+    deadline_s: float = math.inf  # the round deadline: a round far past it was starved
     fault: str = "start-up"
     adversaries: set[str] = field(default_factory=set)
     disturbed: dict[str, _Disturbance] = field(default_factory=dict)
@@ -128,7 +131,7 @@ class Watcher:
         fresh = set(filter(None, row["fresh"].split(";")))
         failures = parse_failures(row["failures"])
         refused = parse_failures(row.get("rejected") or "")
-        self._check_honest(round_id, index, fresh, failures, refused)
+        self._check_honest(round_id, index, fresh, failures, refused, self._stall_note(row))
         weighed = set(parse_failures(row["weights_used"]))
         spoiled = ((fresh | weighed) & self.adversaries) | (fresh & set(refused))
         if spoiled:
@@ -137,6 +140,14 @@ class Watcher:
                 f"round {round_id}: contributions of {sorted(spoiled)} were aggregated",
             )
 
+    def _stall_note(self, row: dict[str, str]) -> str:
+        """The engine ends a round at its deadline; one that took far longer ran on a master
+        that did not get the CPU. Say so beside what failed in it."""
+        seconds = float(row["seconds"])
+        if seconds <= STARVED * self.deadline_s:
+            return ""
+        return f" (the round took {seconds:.2f} s against its {self.deadline_s:g} s deadline)"
+
     def _check_honest(
         self,
         round_id: int,
@@ -144,6 +155,7 @@ class Watcher:
         fresh: set[str],
         failures: dict[str, str],
         refused: dict[str, str],
+        note: str,
     ) -> None:
         for worker in self.honest:
             self.counts.honest_aggregated += worker in fresh
@@ -169,7 +181,7 @@ class Watcher:
                 self.counts.honest_lost_responsive += 1
                 self.violate(
                     "a responsive honest worker's round is aggregated",
-                    f"round {round_id}: {worker} failed: {why}",
+                    f"round {round_id}: {worker} failed: {why}{note}",
                 )
             elif self.connected is not None and worker not in self.connected:
                 self.violate(

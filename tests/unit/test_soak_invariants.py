@@ -21,12 +21,13 @@ def _row(round_id: int, **cells: str) -> dict[str, str]:
         "failures": "",
         "rejected": "",
         "weights_used": "w0:0.5;w1:0.5",
+        "seconds": "0.1",
     }
     return {**row, **cells}
 
 
 def _watcher(tmp_path: Path) -> Watcher:
-    watcher = Watcher(tmp_path, HONEST, loss_bound=10.0, fault="flood#1")
+    watcher = Watcher(tmp_path, HONEST, loss_bound=10.0, deadline_s=2.0, fault="flood#1")
     watcher.connected = set(HONEST)
     return watcher
 
@@ -76,13 +77,16 @@ def test_honest_failures_count_unless_a_fault_hit_that_worker(tmp_path: Path) ->
     watcher.disturb("w1")
     watcher.check_rows(
         [
-            _row(1, fresh="", failures="w0:deadline;w1:deadline"),
+            _row(1, fresh="", failures="w0:deadline;w1:deadline", seconds="2.9"),
             _row(2, fresh="w0", failures="w1:reference mismatch: upload against version 3"),
             _row(3, fresh="w1", rejected="w0:update norm 1e+38 > 10 x median 1"),
         ]
     )
     assert [(v.invariant, v.detail) for v in watcher.violations] == [
-        ("a responsive honest worker's round is aggregated", "round 1: w0 failed: deadline"),
+        (
+            "a responsive honest worker's round is aggregated",
+            "round 1: w0 failed: deadline (the round took 2.90 s against its 2 s deadline)",
+        ),
         ("no honest worker is rejected", "round 3: w0: update norm 1e+38 > 10 x median 1"),
     ]
     assert watcher.recovering() == ["w1"], "not back until undone and uploading"

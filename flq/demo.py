@@ -108,22 +108,26 @@ def free_port() -> int:
         return port
 
 
-def _environment() -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment a daemon process gets: ours, quiet TF/gRPC logs unless already set,
+    unbuffered output (its log is read while it runs), then `extra`."""
     env = dict(os.environ)
     for key, value in QUIET_ENV.items():
         env.setdefault(key, value)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
-def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
+def spawn_module(
+    args: list[str], log_path: Path, *, append: bool = False, new_session: bool = False
+) -> subprocess.Popen[bytes]:
+    """`python -m ARGS` with child_env(), stdout and stderr to `log_path`."""
+    with log_path.open("ab" if append else "wb") as log:  # the child keeps its own descriptor
         return subprocess.Popen(
             [sys.executable, "-m", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=_environment(),
-            start_new_session=True,
+            env=child_env(),
+            start_new_session=new_session,
         )
 
 
@@ -141,7 +145,7 @@ class DemoCluster:
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(dumps_toml(self.cfg))
-        self.master = _spawn(
+        self.master = spawn_module(
             [
                 "flq.cli.master",
                 "run",
@@ -157,10 +161,11 @@ class DemoCluster:
                 "json",
             ],
             self.run_dir / "master.log",
+            new_session=True,
         )
         for index in range(self.cfg.system.total_workers):
             self.workers.append(
-                _spawn(
+                spawn_module(
                     [
                         "flq.cli.worker",
                         "run",
@@ -174,6 +179,7 @@ class DemoCluster:
                         "json",
                     ],
                     self.run_dir / f"worker-{index}.log",
+                    new_session=True,
                 )
             )
 

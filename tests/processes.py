@@ -4,30 +4,18 @@ Shared by the process tests and the fault soak (tests/soak, bench/bench_soak.py)
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flq.log import QUIET_ENV
+from flq.demo import spawn_module
 from flq.master.results import read_rounds
 
 
-def process_env() -> dict[str, str]:
-    return {**os.environ, **QUIET_ENV, "PYTHONUNBUFFERED": "1"}
-
-
 def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """`python -m ARGS`, output appended to `log`."""
-    with log.open("ab") as handle:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", *args],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            env=process_env(),
-        )
+    """`python -m ARGS` as `flq demo` starts a daemon, output appended to `log`."""
+    return spawn_module(args, log, append=True)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:

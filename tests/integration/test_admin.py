@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -29,10 +28,9 @@ from typer.testing import CliRunner
 from flq import serde
 from flq.cli.main import app
 from flq.config import Config
-from flq.demo import free_port
+from flq.demo import child_env, free_port
 from flq.errors import EXIT_REFUSED, EXIT_UNREACHABLE
 from flq.learning.data import DatasetSpec
-from flq.log import QUIET_ENV
 from flq.master.checkpoint import load_checkpoint
 from flq.master.daemon import MasterDaemon, MasterOptions
 from flq.master.federation import ModelEvaluation, build_federation
@@ -387,7 +385,7 @@ def test_model_info_travels_in_the_status_reply() -> None:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, **QUIET_ENV, "PYTHONUNBUFFERED": "1", **extra}
+    env = child_env(**extra)
     for name in ("FLQ_ADMIN_TOKEN", "FLQ_MASTER", "FLQ_TLS_CA", "FLQ_METRICS_PORT"):
         env.pop(name, None)
     env.update(extra)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from structlog.testing import capture_logs
 from flq import serde
 from flq.admin import AdminTarget, admin_client
 from flq.config import Config, default_config, with_overrides
-from flq.log import QUIET_ENV
+from flq.demo import child_env
 from flq.master.federation import build_federation
 from flq.master.llm import BASE_URL_ENV, ContributorFacts, LlmAdvisor, LlmSettings
 from flq.master.results import read_rounds
@@ -350,13 +349,7 @@ def test_demo_with_llm_weighting_reuses_the_answer_between_asks(
         "[lazy_selection]\nwarmup = 1\n[llm]\ncache_rounds = 3\ntimeout_s = 5.0\n"
     )
     out = tmp_path / "demo"
-    env = {
-        **os.environ,
-        **QUIET_ENV,
-        "GEMINI_API_KEY": API_KEY,
-        BASE_URL_ENV: standin.base_url,
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = child_env(GEMINI_API_KEY=API_KEY, **{BASE_URL_ENV: standin.base_url})
     args = ["demo", "--weighting", "llm", "--dataset", "synthetic", "--workers", "2"]
     args += ["--rounds", "6", "--no-lazy", "--config", str(base), "--out", str(out)]
     result = subprocess.run(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 from flq.config import Config, default_config, with_overrides
+from flq.demo import child_env
 from flq.learning.data import ArrayData, DatasetSpec
 from flq.learning.lora import (
     LoraSpec,
@@ -28,7 +28,6 @@ from flq.learning.lora import (
 )
 from flq.learning.models import build_model, count_parameters
 from flq.learning.trainer import Evaluator, LocalTrainer
-from flq.log import QUIET_ENV
 from flq.master.checkpoint import load_checkpoint
 from flq.master.daemon import MasterDaemon, MasterOptions
 from flq.master.federation import Federation, build_federation
@@ -210,7 +209,7 @@ def test_demo_runs_a_lora_only_federation_with_one_command(tmp_path: Path) -> No
     args = ["demo", "--lora-rank", str(RANK), "--workers", "2", "--rounds", "4", "--no-lazy"]
     result = subprocess.run(
         [sys.executable, "-m", "flq.cli.main", *args, "--out", str(out)],
-        env={**os.environ, **QUIET_ENV, "PYTHONUNBUFFERED": "1"},
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=300,

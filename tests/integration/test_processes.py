@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from flq.demo import free_port
+from flq.demo import child_env, free_port
 from tests.processes import (
     complete_rounds,
     master_args,
-    process_env,
     spawn,
     synthetic_config,
     wait_until,
@@ -41,7 +40,7 @@ def test_demo_runs_a_real_federation_on_digits(tmp_path: Path) -> None:
             "--out",
             str(out),
         ],
-        env=process_env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=300,

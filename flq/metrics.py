@@ -96,7 +96,7 @@ class RoundLike(Protocol):
 
     round: int
     participants: list[str]
-    selected: list[str]
+    fresh: list[str]
     skipped: list[str]
     denied: dict[str, str]
     failed: dict[str, str]
@@ -203,7 +203,7 @@ class MasterMetrics:
         self.round_seconds.observe(outcome.seconds)
         counts = {
             "participants": len(outcome.participants),
-            "selected": len(outcome.selected),
+            "selected": len(outcome.fresh),
             "skipped": len(outcome.skipped),
             "denied": len(outcome.denied),
             "failed": len(outcome.failed),

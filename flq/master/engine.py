@@ -520,7 +520,7 @@ class RoundEngine:
                 outcome.failed[worker_id] = f"refused: {refused[worker_id]}"
                 continue
             outcome.upload_bits[worker_id] = bits
-            outcome.selected.append(worker_id)
+            outcome.fresh.append(worker_id)
 
     def _note_presence(self, parts: Sequence[_WorkerRound]) -> None:
         """Workers that answered this round (an offer, even late, or a Skip) are present; a
@@ -540,7 +540,7 @@ class RoundEngine:
         """The advisor's weights for this round's contributors (None without an advisor)."""
         if self.advisor is None:
             return None
-        fresh = set(outcome.selected)
+        fresh = set(outcome.fresh)
         contributors = [
             facts_for(w, self.registry.get(w), round_id, w in fresh)
             for w in self.state.store.contributors(fresh)
@@ -549,7 +549,7 @@ class RoundEngine:
 
     async def _step(self, outcome: RoundOutcome, decision: WeightDecision | None) -> None:
         samples = {r.worker_id: r.num_samples for r in self.registry.all()}
-        step = self.state.step(samples, fresh=set(outcome.selected), decision=decision)
+        step = self.state.step(samples, fresh=set(outcome.fresh), decision=decision)
         for worker_id, reason in step.refused.items():
             outcome.refused[worker_id] = reason
             outcome.failed[worker_id] = f"refused: {reason}"

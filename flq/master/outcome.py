@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 class RoundOutcome:
     round: int
     participants: list[str] = field(default_factory=list)
-    selected: list[str] = field(default_factory=list)  # granted and received
+    # Fresh uploads: granted, received whole and stored this round (the algorithm's "fresh", as
+    # opposed to stale reuse). rounds.csv and the metrics keep their column name "selected".
+    fresh: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # lazy: did not want to upload
     denied: dict[str, str] = field(default_factory=dict)  # wanted, but budget/top-k said no
     failed: dict[str, str] = field(default_factory=dict)  # worker -> why

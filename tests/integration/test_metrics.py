@@ -209,7 +209,7 @@ def test_each_daemon_has_its_own_registry() -> None:
     outcome = RoundOutcome(
         round=1,
         participants=["w0", "w1"],
-        selected=["w0"],
+        fresh=["w0"],
         skipped=["w1"],
         uplink_bits=100,
         downlink_bits=200,

@@ -378,6 +378,8 @@ class RoundEngine:
         part.wire_bytes += sent_bytes
         part.downlink_bits += payload.bits
         record.download_version = payload.version
+        if record.first_download_version < 0:
+            record.first_download_version = payload.version
 
     async def _next(
         self, part: _WorkerRound, round_id: int, expected: tuple[type, ...]

@@ -44,8 +44,9 @@ def check_hello(message: WorkerMessage, session_worker_id: str) -> Hello:
 def reconcile_references(hello: Hello, record: WorkerRecord, state: MasterState) -> bool:
     """Align the worker's references with the master's; True when its upload reference was
     reset. A stale downlink reference is not reset here: next round the worker gets the chain of
-    deltas it missed, when this master process sent it the version it holds (the same lineage)
-    and still has them, else a float32 keyframe (record.download_version = -1)."""
+    deltas it missed, when it holds a version this master process sent it or a later one it
+    sent (the same lineage) and the master still has them, else a float32 keyframe
+    (record.download_version = -1)."""
     master_version = state.store.version(hello.worker_id)
     reset = master_version != hello.upload_ref_version
     if reset:
@@ -57,7 +58,8 @@ def reconcile_references(hello: Hello, record: WorkerRecord, state: MasterState)
         )
         state.store.reset(hello.worker_id)
     held = hello.download_ref_version
-    known = held == state.downlink.version or (0 < held == record.download_version)
+    lineage = 0 < record.first_download_version <= held <= record.download_version
+    known = held == state.downlink.version or lineage
     record.download_version = held if known else -1
     return reset
 

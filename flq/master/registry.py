@@ -36,6 +36,9 @@ class WorkerRecord:
     failures: int = 0
     last_upload_round: int = -1
     download_version: int = -1  # the downlink reference version this worker holds (-1: unknown)
+    # The first downlink version this master process sent the worker: what it holds from there
+    # on is this process's lineage, so a chain of missed deltas can bring it up to date.
+    first_download_version: int = -1
     recent_losses: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_LOSSES))
     features: dict[str, float] = field(default_factory=dict)  # Hello.features (traffic, usage)
 

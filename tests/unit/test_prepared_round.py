@@ -56,6 +56,7 @@ def test_a_worker_that_missed_rounds_gets_its_own_chain_not_the_shared_delta() -
     delta, chain = prepared.payload_for(3), prepared.payload_for(1)
     assert delta.kind == chain.kind == "delta" and delta is not chain
     assert chain is prepared.payload_for(1)
+    assert (delta.base_version, chain.base_version) == (3, 1)
     assert chain.bits == 3 * delta.bits  # the deltas to versions 2, 3 and 4, in order
     tensors = [t for m in chain.messages for t in m.tensors]
     assert [t.tensor_count for t in tensors] == [3 * len(SHAPES)] * len(tensors)

@@ -110,6 +110,25 @@ def _block_payload_bytes(bits: int, count: int, scales: Scales) -> int:
     return blockgrid.payload_size(count, bits, int(scales[0]))
 
 
+def _sparse_spec(
+    codec: Codec, min_bits: int, max_bits: int, max_bytes: Callable[[int, int, Scales], int]
+) -> CodecSpec:
+    """A sparse ternary code: the encoder sends whichever position code is smaller, and the
+    payload check reads the scales (mu, nnz) while it parses."""
+    return CodecSpec(
+        codec=codec,
+        min_bits=min_bits,
+        max_bits=max_bits,
+        scale_names=("mu", "nnz"),
+        encode=lambda x, o: sparse.encode_sparse_ternary(x, o.density),
+        decode=sparse.decode_ternary,
+        max_payload_bytes=max_bytes,
+        check_payload=sparse.check_ternary,
+        check_scales=lambda _codec, _names, _scales: None,
+        decode_checks_payload=True,
+    )
+
+
 SPECS: dict[Codec, CodecSpec] = {
     spec.codec: spec
     for spec in (
@@ -158,29 +177,10 @@ SPECS: dict[Codec, CodecSpec] = {
             ),
             check_scales=_block_scales,
         ),
-        CodecSpec(
-            codec=Codec.SPARSE_TERNARY,
-            min_bits=0,  # the Rice parameter, chosen by the encoder from the density
-            max_bits=sparse.MAX_RICE_BITS,
-            scale_names=("mu", "nnz"),
-            encode=lambda x, o: sparse.encode_sparse_ternary(x, o.density),
-            decode=sparse.decode_ternary,
-            max_payload_bytes=sparse.max_ternary_bytes,
-            check_payload=sparse.check_ternary,
-            check_scales=lambda _codec, _names, _scales: None,  # check_payload reads them
-            decode_checks_payload=True,
-        ),
-        CodecSpec(
-            codec=Codec.SPARSE_TERNARY_GAPCLASS,
-            min_bits=1,  # the number of gap classes, chosen by the encoder
-            max_bits=gapclass.MAX_CLASSES,
-            scale_names=("mu", "nnz"),
-            encode=lambda x, o: sparse.encode_sparse_ternary(x, o.density),
-            decode=sparse.decode_ternary,
-            max_payload_bytes=sparse.max_gapclass_bytes,
-            check_payload=sparse.check_ternary,
-            check_scales=lambda _codec, _names, _scales: None,  # check_payload reads them
-            decode_checks_payload=True,
+        # the Rice parameter / the number of gap classes, chosen by the encoder
+        _sparse_spec(Codec.SPARSE_TERNARY, 0, sparse.MAX_RICE_BITS, sparse.max_ternary_bytes),
+        _sparse_spec(
+            Codec.SPARSE_TERNARY_GAPCLASS, 1, gapclass.MAX_CLASSES, sparse.max_gapclass_bytes
         ),
     )
 }

@@ -322,7 +322,9 @@ class RoundEngine:
             if not part.in_time:
                 outcome.denied[worker] = "late"
         error = None if task.cancelled() else task.exception()
-        if task.cancelled():
+        if task.cancelled() and part.offer is not None and not part.in_time:
+            pass  # late, and the round ended while it was being told so: denied, not failed
+        elif task.cancelled():
             why = "deadline" if part.offer is not None else "no offer by the cut-off"
             self._fail(part.record, why, outcome)
         elif isinstance(error, _Failure):

@@ -391,6 +391,44 @@ def test_an_upload_against_another_reference_version_resets_instead_of_rejecting
         np.testing.assert_array_equal(got, want)
 
 
+def test_an_offer_after_the_cut_off_is_denied_late_and_the_round_goes_on() -> None:
+    """Quorum 1 of 2 and a short grace: w0's offer closes the offers, w1's comes after; w1 is
+    told "late" (keeps its reference, fails nothing) while w0's granted upload is applied."""
+    cfg = make_config(
+        **{
+            "system.total_workers": 2,
+            "system.min_workers": 1,
+            "system.offer_quorum": 0.5,
+            "system.offer_grace_s": 0.05,
+        }
+    )
+
+    async def scenario() -> tuple[Federation, Any, Any]:
+        federation, _, w0 = await _master_with_one_raw_worker(cfg)
+        master_end, w1 = memory_link_pair("w1")
+        await w1.send(Hello("w1", PROTOCOL_VERSION, 10))
+        await federation.engine.accept(master_end)
+        await w1.recv()  # Welcome
+        round_task = asyncio.create_task(federation.engine.run_round())
+        await w0.recv()  # RoundStart
+        await w1.recv()
+        prepared = _prepared_upload(cfg, SyntheticTrainer(PROBLEM, 0))
+        await w0.send(UploadOffer(1, True, prepared.cost_bits, 1.0, 0, False))
+        assert (await w0.recv()).message.granted  # the cut-off has passed
+        await w1.send(UploadOffer(1, True, prepared.cost_bits, 1.0, 0, False))
+        late = (await asyncio.wait_for(w1.recv(), 2.0)).message
+        from flq.codec import split_tensors
+
+        await w0.send(UpdateChunk(1, 0, tuple(split_tensors(prepared.encoded))))
+        return federation, await round_task, late
+
+    federation, outcome, late = asyncio.run(scenario())
+    assert not late.granted and late.reason == "late"
+    assert outcome.denied == {"w1": "late"} and outcome.selected == ["w0"]
+    assert outcome.failed == {}
+    assert federation.state.store.version("w1") == 0 and federation.state.store.version("w0") == 1
+
+
 def _prepared_upload(cfg: Config, trainer: SyntheticTrainer) -> Any:
     from flq.algorithm import UploadReference
     from flq.master.federation import round_config_from

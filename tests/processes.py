@@ -34,6 +34,11 @@ def complete_rounds(run_dir: Path) -> list[dict[str, str]]:
     return [r for r in rows if None not in r.values()]
 
 
+def last_round(run_dir: Path) -> int:
+    """The highest round in rounds.csv (0 before the first)."""
+    return max((int(r["round"]) for r in complete_rounds(run_dir)), default=0)
+
+
 def master_args(config: Path, port: int, run_dir: Path) -> list[str]:
     """`flq-master run` on 127.0.0.1:port with JSON logs (arguments for spawn)."""
     return [

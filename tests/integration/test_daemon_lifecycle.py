@@ -17,6 +17,7 @@ from flq.demo import free_port
 from flq.log import QUIET_ENV
 from tests.processes import (
     complete_rounds,
+    last_round,
     master_args,
     spawn,
     synthetic_config,
@@ -171,12 +172,12 @@ def test_a_killed_master_resumes_with_every_round_in_rounds_csv_once(
     orphans = [run_dir / f".checkpoint.npz.killed{i}.tmp" for i in range(3)]
     for orphan in orphans:
         orphan.write_bytes(b"half a checkpoint")
-    killed_at = max(int(r["round"]) for r in complete_rounds(run_dir))
+    killed_at = last_round(run_dir)
 
     resumed = spawn([*args, "--resume"], master_log)
     processes.append(resumed)
     wait_until(
-        lambda: max(int(r["round"]) for r in complete_rounds(run_dir)) >= killed_at + 3,
+        lambda: last_round(run_dir) >= killed_at + 3,
         90,
         "rounds after the resume",
     )

@@ -15,6 +15,7 @@ import pytest
 from flq.demo import child_env, free_port
 from tests.processes import (
     complete_rounds,
+    last_round,
     master_args,
     spawn,
     synthetic_config,
@@ -93,11 +94,11 @@ def test_killed_worker_fails_its_round_and_a_restarted_master_resumes(
 
     master.send_signal(signal.SIGKILL)
     master.wait()
-    checkpointed = max(int(r["round"]) for r in complete_rounds(run_dir))
+    checkpointed = last_round(run_dir)
     resumed = spawn([*args, "--resume"], tmp_path / "master.log")
     processes.append(resumed)
     wait_until(
-        lambda: max(int(r["round"]) for r in complete_rounds(run_dir)) >= checkpointed + 5,
+        lambda: last_round(run_dir) >= checkpointed + 5,
         90,
         "rounds after the restart",
     )

@@ -123,6 +123,23 @@ def test_stc_learns_both_ways_and_counts_exactly_the_bits_it_sent(tmp_path: Path
     )  # the rest of the global step waits in theta - theta_ref for later rounds
 
 
+def test_sti_learns_with_two_uploads_a_round_and_stale_reuse(tmp_path: Path) -> None:
+    cfg = make_config(
+        **{
+            "flq_algorithm.mode": "sti",
+            "flq_algorithm.density": 0.25,
+            "budget_selection.sel_clients": 2,
+            "system.max_rounds": 30,
+        }
+    )
+    federation, rows = run(cfg, tmp_path)
+    losses = [float(r["loss"]) for r in rows]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(row["selected"] == 2 and row["failed"] == 0 for row in rows)
+    # every worker uploaded at some point and keeps counting while it does not (stale reuse)
+    assert len(federation.state.store.contributors()) == 3
+
+
 def test_fedavg_one_step_equals_fedsgd_computed_directly(tmp_path: Path) -> None:
     # Full-batch gradients make each worker's step deterministic, so the expected model is known.
     cfg = make_config(

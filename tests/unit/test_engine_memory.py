@@ -441,7 +441,7 @@ def test_an_offer_after_the_cut_off_is_denied_late_and_the_round_goes_on() -> No
 
     federation, outcome, late = asyncio.run(scenario())
     assert not late.granted and late.reason == "late"
-    assert outcome.denied == {"w1": "late"} and outcome.selected == ["w0"]
+    assert outcome.denied == {"w1": "late"} and outcome.fresh == ["w0"]
     assert outcome.failed == {}
     assert federation.state.store.version("w1") == 0 and federation.state.store.version("w0") == 1
 

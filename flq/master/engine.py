@@ -42,7 +42,7 @@ from flq.types import (
 log = structlog.get_logger("flq.master")
 OFFER_SHARE = 0.8  # offers are taken for at most this share of the round; the rest is for uploads
 RESET_SEND_S = 1.0  # how long a ResetReference may take to send before the round moves on
-SILENT_ROUNDS = 2  # a worker without an offer in this many rounds in a row is not waited for
+SILENT_ROUNDS = 2  # a worker not heard from in this many rounds in a row is not waited for
 
 __all__ = ["EngineSettings", "RoundEngine", "RoundOutcome"]
 
@@ -75,6 +75,8 @@ class _WorkerRound:
     """What one worker's task learnt in this round; only that task writes it."""
 
     record: WorkerRecord
+    send_model: bool = True  # False for the long silent: nothing piles up in a frozen board
+    heard: bool = False  # any message came from it this round (a late one, a heartbeat)
     offer: UploadOffer | None = None
     skipped: bool = False  # answered with Skip: present, but nothing to offer
     in_time: bool = False  # offered before the cut-off
@@ -233,8 +235,10 @@ class RoundEngine:
             self.settings.round_config,
             self.state.lazy_scalar,
         )
-        # Not waiting for the long silent keeps a frozen board from costing every round a grace;
-        # with nobody else left, everyone is awaited (no round may spin through without waiting).
+        # Not waiting for the long silent keeps a frozen board from costing every round a grace,
+        # and not sending them the model keeps rounds from piling up in its buffers (it would
+        # train through each when it wakes). Anything it says makes it awaited again next round.
+        # With nobody else left, everyone is awaited (no round may spin through without waiting).
         awaited = [r for r in records if self._silent.get(r.worker_id, 0) < SILENT_ROUNDS]
         awaited = awaited or records
         cutoff = _OfferCutoff(
@@ -244,7 +248,7 @@ class RoundEngine:
             started=loop.time(),
             latest=loop.time() + OFFER_SHARE * self.settings.round_timeout_s,
         )
-        parts = [_WorkerRound(r) for r in records]
+        parts = [_WorkerRound(r, send_model=r in cutoff.awaited) for r in records]
         tasks = {
             asyncio.ensure_future(self._worker_round(p, prepared, round_id, cutoff)): p
             for p in parts
@@ -287,7 +291,8 @@ class RoundEngine:
     ) -> None:
         """One worker's round, start to end, in its own task: model out, offer in, decision out,
         upload in. Everything it learns goes into `part`; the coordinator reads it after."""
-        await self._send_round_start(part, prepared)
+        if part.send_model:
+            await self._send_round_start(part, prepared)
         part.offer = await self._recv_offer(part, round_id)
         part.in_time = cutoff.offer(part.record, part.offer)
         if not part.in_time:
@@ -394,6 +399,7 @@ class RoundEngine:
         while True:
             received = await link.recv()
             part.wire_bytes += received.wire_bytes
+            part.heard = True
             record.seen()
             message = received.message
             if isinstance(message, Heartbeat | EvalResult):
@@ -532,7 +538,8 @@ class RoundEngine:
         present = {p.record.worker_id for p in parts if p.offer is not None or p.skipped}
         for part in parts:
             worker = part.record.worker_id
-            self._silent[worker] = 0 if worker in present else self._silent.get(worker, 0) + 1
+            heard = worker in present or part.heard
+            self._silent[worker] = 0 if heard else self._silent.get(worker, 0) + 1
         for worker_id in self.state.store.note_round(present):
             log.warning(
                 "stale contribution no longer counts: worker absent",

@@ -116,6 +116,9 @@ def test_a_silent_worker_costs_only_its_own_contribution(tmp_path: Path) -> None
     seconds = [float(row["seconds"]) for row in rows]
     assert all(1.0 <= s < TIMEOUT_S / 2 for s in seconds[:2]), seconds  # waited the grace
     assert all(s < 1.0 for s in seconds[2:]), seconds  # silent two rounds: no longer awaited
+    # ... nor sent the model (nothing piles up for it to train through when it wakes)
+    downlink = [int(row["downlink_bits"]) for row in rows]
+    assert downlink[2] * 4 == downlink[1] * 3 and downlink[3] == downlink[2], downlink
 
 
 def _prepared(cfg: Config, weights: list[np.ndarray]) -> Any:

@@ -68,7 +68,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy flq/codec flq/algorithm flq/config.py flq/types.py
+	$(BIN)/mypy flq
 
 format: $(STAMP)
 	$(BIN)/ruff format .

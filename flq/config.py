@@ -28,7 +28,7 @@ from flq.errors import UsageError
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # JetPack 6 ships Python 3.10; tomli is tomllib's backport (a 3.10-only dependency)
-    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+    import tomli as tomllib
 
 DatasetName = Literal["digits", "fashion-mnist", "mnist", "npz", "synthetic"]
 Partition = Literal["iid", "dirichlet", "shards"]

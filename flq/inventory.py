@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
+else:  # Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 # May sit in [defaults], [master] or a [[workers]] entry; one value per host.

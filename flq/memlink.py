@@ -24,7 +24,6 @@ from flq.link import (
 from flq.types import MasterMessage, WorkerMessage
 
 T = TypeVar("T")
-_CLOSED = object()
 _session_numbers = itertools.count(1)
 
 
@@ -32,11 +31,11 @@ _session_numbers = itertools.count(1)
 class _Pipe(Generic[T]):
     """One direction: a queue plus a closed flag, so a late send fails instead of vanishing."""
 
-    queue: asyncio.Queue[tuple[object, int]] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[tuple[T | None, int]] = field(default_factory=asyncio.Queue)
     closed: bool = False
     violation: ProtocolViolation | None = None
 
-    def put(self, item: object, size: int) -> None:
+    def put(self, item: T, size: int) -> None:
         if self.closed:
             raise LinkClosed("memory link closed")
         self.queue.put_nowait((item, size))
@@ -45,12 +44,12 @@ class _Pipe(Generic[T]):
         if not self.closed:
             self.closed = True
             self.violation = violation
-            self.queue.put_nowait((_CLOSED, 0))
+            self.queue.put_nowait((None, 0))  # None: the end (messages are never None)
 
-    async def get(self) -> tuple[object, int]:
+    async def get(self) -> tuple[T, int]:
         item, size = await self.queue.get()
-        if item is _CLOSED:
-            self.queue.put_nowait((_CLOSED, 0))  # keep later readers failing too
+        if item is None:
+            self.queue.put_nowait((None, 0))  # keep later readers failing too
             if self.violation is not None:
                 raise LinkClosed(f"session ended by master: {self.violation}")
             raise LinkClosed("memory link closed")
@@ -95,7 +94,7 @@ class MemoryWorkerLink:
 
     async def recv(self) -> Received:
         item, size = await self._to_master.get()
-        return Received(item, size)  # type: ignore[arg-type]
+        return Received(item, size)
 
     async def reject(self, violation: ProtocolViolation) -> None:
         self.violations.append(violation)
@@ -121,7 +120,7 @@ class MemoryMasterLink:
 
     async def recv(self) -> ReceivedByWorker:
         item, size = await self._to_worker.get()
-        return ReceivedByWorker(item, size)  # type: ignore[arg-type]
+        return ReceivedByWorker(item, size)
 
     def close(self) -> None:
         self._to_master.close()

@@ -120,7 +120,7 @@ def tensor_chunk_to_proto(chunk: TensorChunk) -> pb.TensorChunk:
         tensor_count=chunk.tensor_count,
         shape=list(chunk.shape),
         dtype=chunk.dtype,
-        codec=int(chunk.codec),  # type: ignore[arg-type]
+        codec=pb.Codec.Name(int(chunk.codec)),
         bits=chunk.bits,
         scales=list(chunk.scales),
         chunk_index=chunk.chunk_index,

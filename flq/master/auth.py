@@ -14,12 +14,16 @@ import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import structlog
 
 from flq.security import Authenticator, AuthResult
+
+# Requests and replies differ by RPC; strings, as grpc's runtime classes are not generic.
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 log = structlog.get_logger("flq.master.servicer")
 SERVICE = "flq.v1.FLQ"
@@ -31,7 +35,7 @@ REFUSAL_PAUSE_S = 0.2
 REFUSAL_DRAIN_S = 1.0
 
 _worker: ContextVar[str | None] = ContextVar("flq_authenticated_worker", default=None)
-Check = Callable[[grpc.aio.ServicerContext], AuthResult]
+Check = Callable[[Context], AuthResult]
 
 
 def authenticated_worker() -> str | None:
@@ -39,16 +43,16 @@ def authenticated_worker() -> str | None:
     return _worker.get()
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, auth: Authenticator, count_refused: Callable[[str], None]) -> None:
         self._auth = auth
         self._count_refused = count_refused
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(details)
         service, _, rpc = details.method.lstrip("/").rpartition("/")
         if handler is None or service != SERVICE:
@@ -56,13 +60,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         check = self._check_worker if rpc == SESSION_RPC else self._check_admin
         return _guarded(handler, lambda context: self._admit(context, rpc, check))
 
-    def _check_worker(self, context: grpc.aio.ServicerContext) -> AuthResult:
+    def _check_worker(self, context: Context) -> AuthResult:
         return self._auth.check_worker(_metadata(context), _cert_names(context))
 
-    def _check_admin(self, context: grpc.aio.ServicerContext) -> AuthResult:
+    def _check_admin(self, context: Context) -> AuthResult:
         return self._auth.check_admin(_metadata(context))
 
-    async def _admit(self, context: grpc.aio.ServicerContext, rpc: str, check: Check) -> None:
+    async def _admit(self, context: Context, rpc: str, check: Check) -> None:
         """Bind the call's identity, or count, log and end the call with the refusal's status."""
         result = check(context)
         if result.ok:
@@ -78,24 +82,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 def _guarded(
-    handler: grpc.RpcMethodHandler,
-    admit: Callable[[grpc.aio.ServicerContext], Awaitable[None]],
-) -> grpc.RpcMethodHandler:
+    handler: Handler,
+    admit: Callable[[Context], Awaitable[None]],
+) -> Handler:
     """`handler` with `admit` awaited before its behaviour, whatever its streaming kind."""
 
     def wrap(behaviour: Callable[..., Any]) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(behaviour):
 
-            async def streaming(
-                request: Any, context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
+            async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
                 await admit(context)
                 async for response in behaviour(request, context):
                     yield response
 
             return streaming
 
-        async def single(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def single(request: Any, context: Context) -> Any:
             await admit(context)
             return await behaviour(request, context)
 
@@ -118,7 +120,7 @@ def _guarded(
     return handler
 
 
-def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+def _metadata(context: Context) -> dict[str, str]:
     return {
         key.lower(): value
         for key, value in (context.invocation_metadata() or ())
@@ -126,13 +128,13 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     }
 
 
-def _cert_names(context: grpc.aio.ServicerContext) -> list[str]:
+def _cert_names(context: Context) -> list[str]:
     """Common names of the verified client certificate (mutual TLS), else []."""
     names = context.auth_context().get("x509_common_name", [])
     return [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
 
 
-async def _drain_briefly(context: grpc.aio.ServicerContext) -> None:
+async def _drain_briefly(context: Context) -> None:
     """Read (and drop) what a refused caller already sent, until it half-closes or pauses, for
     at most REFUSAL_DRAIN_S. gRPC's Python client reports a write that races with the call's end
     as INTERNAL and keeps that status instead of ours; a client that sends its Hello and then

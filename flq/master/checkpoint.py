@@ -34,7 +34,7 @@ class CheckpointError(UsageError, RuntimeError):
 def run_identity(cfg: Config) -> dict[str, str]:
     """What fixes the shape and meaning of a checkpoint's state: written into every checkpoint
     and compared at --resume before the model is built (flq.master.startup)."""
-    identity = {"mode": cfg.flq_algorithm.mode, "dataset": cfg.dataset.name}
+    identity: dict[str, str] = {"mode": cfg.flq_algorithm.mode, "dataset": cfg.dataset.name}
     if cfg.dataset.name != "synthetic":  # its linear model ignores the model settings
         identity |= {"model": cfg.model.name, "lora_rank": str(cfg.lora.rank)}
         if cfg.model.name == "mlp":  # the only model hidden_units shapes
@@ -91,7 +91,8 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
             # Straight into the file: no in-memory copy of the whole state (it is the size of
             # every stored contribution: ~400 MB for 1000 workers with a 100k model).
             meta_bytes = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-            np.savez(handle, **arrays, **{META_KEY: meta_bytes})
+            entries: dict[str, Any] = {**arrays, META_KEY: meta_bytes}
+            np.savez(handle, **entries)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)

@@ -30,6 +30,7 @@ from flq.types import (
     Decision,
     EvalResult,
     Heartbeat,
+    MasterMessage,
     ResetReference,
     RoundConfig,
     Shutdown,
@@ -366,13 +367,13 @@ class RoundEngine:
 
     # ------------------------------------------------------------ phases
 
-    async def _send(self, part: _WorkerRound, message: object) -> None:
+    async def _send(self, part: _WorkerRound, message: MasterMessage) -> None:
         link = part.record.link
         if link is None:
             raise LinkClosed("not connected")
         # Into the worker's own count, and only after the await: `total += await send()` in
         # concurrent tasks reads the total before the await and loses the others' additions.
-        size = await link.send(message)  # type: ignore[arg-type]
+        size = await link.send(message)
         part.wire_bytes += size
 
     async def _send_round_start(self, part: _WorkerRound, prepared: PreparedRound) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 import structlog
@@ -36,6 +36,9 @@ from flq.master.auth import authenticated_worker
 from flq.pb import flq_pb2 as pb
 from flq.pb import flq_pb2_grpc as pb_grpc
 from flq.types import MasterMessage, ModelChunk, StatusReply
+
+# Requests and replies differ by RPC; strings, as grpc's runtime classes are not generic.
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 log = structlog.get_logger("flq.master.servicer")
 _sessions = itertools.count(1)
@@ -69,7 +72,7 @@ class GrpcWorkerLink:
 
     def __init__(
         self,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         control: MasterControl,
         identity: str | None = None,
         round_starts: PayloadCache[WireForm] | None = None,
@@ -182,7 +185,7 @@ class FLQServicer(pb_grpc.FLQServicer):
     async def Session(
         self,
         request_iterator: object,
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> None:
         link = GrpcWorkerLink(context, self._control, authenticated_worker(), self._round_starts)
         reader = asyncio.create_task(link.read_loop())
@@ -208,14 +211,14 @@ class FLQServicer(pb_grpc.FLQServicer):
     async def Status(
         self,
         request: pb.StatusRequest,
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> pb.StatusReply:
         return serde.status_reply_to_proto(self._control.status())
 
     async def Stop(
         self,
         request: pb.StopRequest,
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> pb.StopReply:
         round_id = self._control.request_stop(request.reason or "admin Stop RPC")
         return serde.stop_reply_to_proto(True, round_id)
@@ -223,7 +226,7 @@ class FLQServicer(pb_grpc.FLQServicer):
     async def GetGlobalModel(
         self,
         request: pb.ModelRequest,
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> AsyncIterator[pb.ModelChunk]:
         round_id, encoded = self._control.global_model()
         for group in group_chunks(split_tensors(encoded)):

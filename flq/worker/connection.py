@@ -30,6 +30,7 @@ from flq import serde
 from flq.errors import Refused
 from flq.grpc_options import CLIENT_OPTIONS, SERVICE_NAME
 from flq.link import LinkClosed, MasterLink, ReceivedByWorker
+from flq.pb import flq_pb2 as pb
 from flq.pb import flq_pb2_grpc as pb_grpc
 from flq.security import worker_metadata
 from flq.types import WorkerMessage
@@ -95,7 +96,7 @@ class Backoff:
 class GrpcMasterLink:
     """The worker's end of a Session call: one reader task, serialized writes."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+    def __init__(self, call: grpc.aio.StreamStreamCall[pb.WorkerMessage, pb.MasterMessage]) -> None:
         self._call = call
         self._inbox: asyncio.Queue[ReceivedByWorker | BaseException | None] = asyncio.Queue()
         self._write_lock = asyncio.Lock()
@@ -105,7 +106,7 @@ class GrpcMasterLink:
         try:
             while True:
                 response = await self._call.read()
-                if response is grpc.aio.EOF:
+                if not isinstance(response, pb.MasterMessage):  # grpc.aio.EOF: the stream ended
                     break
                 try:
                     message = serde.master_message_from_proto(response)
@@ -174,7 +175,7 @@ async def run_connected(
     options: SessionOptions | None = None,
     backoff: Backoff | None = None,
     credentials: grpc.ChannelCredentials | None = None,
-    on_connected: Callable[[], None] | None = None,
+    on_connected: Callable[[], object] | None = None,
     token: str | None = None,
     observer: LinkObserver | None = None,
 ) -> SessionOutcome:
@@ -253,7 +254,7 @@ async def _one_session(
     stop: asyncio.Event,
     options: SessionOptions | None,
     credentials: grpc.ChannelCredentials | None,
-    on_connected: Callable[[], None] | None,
+    on_connected: Callable[[], object] | None,
     metadata: Sequence[tuple[str, str]] = (),
     observer: LinkObserver | None = None,
 ) -> SessionOutcome:

@@ -23,7 +23,7 @@ import numpy as np
 import structlog
 
 from flq.algorithm import DownlinkReceiver, UploadReference
-from flq.codec import CodecError, Reassembler, group_chunks, split_tensors
+from flq.codec import CodecError, EncodedTensor, Reassembler, group_chunks, split_tensors
 from flq.link import LinkClosed, MasterLink
 from flq.types import (
     PROTOCOL_VERSION,
@@ -179,7 +179,7 @@ async def run_session(
     trainer: Trainer,
     link: MasterLink,
     options: SessionOptions | None = None,
-    on_connected: Callable[[], None] | None = None,
+    on_connected: Callable[[], object] | None = None,
 ) -> SessionOutcome:
     """Drive one connection until it ends; never raises for a dropped link or for a message
     from the master it cannot follow (that session ends; the worker reconnects)."""
@@ -204,7 +204,7 @@ class _Session:
         trainer: Trainer,
         link: MasterLink,
         options: SessionOptions,
-        on_connected: Callable[[], None] | None,
+        on_connected: Callable[[], object] | None,
     ) -> None:
         self.on_connected = on_connected
         self.state = state
@@ -285,7 +285,9 @@ class _Session:
             return None
         raise ProtocolError(f"unexpected {type(message).__name__} outside a round")
 
-    async def _collect_round_start(self, first: RoundStart) -> tuple[RoundStart, list[object]]:
+    async def _collect_round_start(
+        self, first: RoundStart
+    ) -> tuple[RoundStart, list[EncodedTensor]]:
         parts: list[RoundStart] = [first]
         while len(parts) < first.parts:
             message = await self._recv()
@@ -303,7 +305,7 @@ class _Session:
         for part in parts:
             for chunk in part.tensors:
                 reassembler.add(chunk)
-        return first, reassembler.finish()  # type: ignore[return-value]
+        return first, reassembler.finish()
 
     async def _run_round(self, first: RoundStart) -> SessionOutcome | None:
         start, encoded = await self._collect_round_start(first)
@@ -344,7 +346,7 @@ class _Session:
         self.state.rounds_done += 1
         return None
 
-    def _is_keyframe(self, encoded: list[object]) -> bool:
+    def _is_keyframe(self, encoded: list[EncodedTensor]) -> bool:
         from flq.codec import Codec
 
         return all(getattr(e, "codec", None) == Codec.FLOAT32 for e in encoded)
@@ -391,8 +393,8 @@ class _Session:
             self.pending = message
             return None
 
-    async def _upload(self, round_id: int, version: int, encoded: list[object]) -> None:
+    async def _upload(self, round_id: int, version: int, encoded: list[EncodedTensor]) -> None:
         self.phase = "uploading"
-        for group in group_chunks(split_tensors(encoded)):  # type: ignore[arg-type]
+        for group in group_chunks(split_tensors(encoded)):
             await self.link.send(UpdateChunk(round_id, version, tuple(group)))
         self.phase = "idle"

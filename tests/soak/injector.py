@@ -103,6 +103,7 @@ class Soak:
         self.fatal = asyncio.Event()
         self._adversary_ids = itertools.count(1)
         self._last_progress = time.monotonic()
+        self._watcher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ the run
 
@@ -110,14 +111,16 @@ class Soak:
         started = time.monotonic()
         self.fleet.start()
         self.watcher.excuse_start_up()
-        watcher = asyncio.create_task(self._watch())
+        watcher = self._watcher = asyncio.create_task(self._watch())
         try:
             await self._first_rounds()
             await self._inject_until(time.monotonic() + self.settings.duration_s)
         finally:
             watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            (ended,) = await asyncio.gather(watcher, return_exceptions=True)
             self.fleet.close()
+        if isinstance(ended, Exception):
+            raise RuntimeError("the soak's watcher failed: no round was checked after") from ended
         self.report.seconds = time.monotonic() - started
         self._fill_report()
         return self.report
@@ -126,7 +129,7 @@ class Soak:
         """Until every honest worker has uploaded once: a fault on a worker still starting
         would test nothing."""
         deadline = time.monotonic() + 60
-        while self.watcher.recovering() and not self.fatal.is_set():
+        while self.watcher.recovering() and not self.fatal.is_set() and not self._watcher_failed():
             if time.monotonic() > deadline:
                 waiting = ", ".join(self.watcher.recovering())
                 self.watcher.violate("the federation starts", f"no upload of {waiting} in 60 s")
@@ -153,14 +156,19 @@ class Soak:
         rounds = self.settings.max_rounds
         return (
             self.fatal.is_set()
+            or self._watcher_failed()
             or time.monotonic() >= end
             or (rounds > 0 and self.watcher.last_round >= rounds)
         )
 
+    def _watcher_failed(self) -> bool:
+        """The watcher ended while it should run: nothing would check the rounds any more."""
+        return self._watcher is not None and self._watcher.done()
+
     async def _settle(self) -> None:
         """Wait until every worker the fault hit is back; past recovery_s that is a violation."""
         deadline = time.monotonic() + self.settings.recovery_s
-        while self.watcher.recovering() and not self.fatal.is_set():
+        while self.watcher.recovering() and not self.fatal.is_set() and not self._watcher_failed():
             if time.monotonic() > deadline:
                 for worker in self.watcher.recovering():
                     self.watcher.violate(

@@ -118,6 +118,10 @@ def _admin_error(address: str, code: grpc.StatusCode, details: str | None) -> Ad
     text = f"{code.name}: {details or 'no details'}"
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return MasterUnreachable(f"cannot reach the master at {address} ({text})")
+    if code == grpc.StatusCode.CANCELLED:
+        # We never cancel our own calls: the master ended it, as its server does to calls in
+        # flight while it stops (`flq stop --wait` polls right through that moment).
+        return MasterUnreachable(f"the master at {address} ended the call, stopping ({text})")
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return AccessRefused(
             f"the master at {address} refused the request ({text}); pass --admin-token-file "

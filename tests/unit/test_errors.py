@@ -62,3 +62,24 @@ def test_every_violation_code_is_a_grpc_status_and_unknown_names_are_refused() -
     assert ProtocolViolation("INVALID_ARGUMENT", "x").code is ViolationCode.INVALID_ARGUMENT
     with pytest.raises(ValueError, match="NOT_A_STATUS"):
         ProtocolViolation("NOT_A_STATUS", "x")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        ("UNAVAILABLE", MasterUnreachable),
+        ("DEADLINE_EXCEEDED", MasterUnreachable),
+        # a master that stops ends the calls in flight: `flq stop --wait` must read it as gone
+        ("CANCELLED", MasterUnreachable),
+        ("UNAUTHENTICATED", AccessRefused),
+        ("PERMISSION_DENIED", AccessRefused),
+    ],
+)
+def test_admin_status_codes_map_to_the_error_an_operator_acts_on(code: str, kind: type) -> None:
+    import grpc
+
+    from flq.admin import _admin_error
+
+    error = _admin_error("127.0.0.1:50051", grpc.StatusCode[code], "details")
+    assert type(error) is kind
+    assert "127.0.0.1:50051" in str(error)

@@ -163,7 +163,8 @@ class SystemConfig:
         metadata=rule(
             "Share of the round's workers whose offers make a quorum: once it is in and the "
             "grace has passed, selection goes ahead without the rest (their later offers are "
-            "denied 'late'); 1 = wait for every offer (at most 80 % of round_timeout_s).",
+            "denied 'late'); 1 = wait for every offer (at most 80 % of round_timeout_s). "
+            "flq simulate always waits for every offer: its in-memory workers are never silent.",
             above=0,
             maximum=1,
         ),

@@ -69,6 +69,7 @@ async def simulate_async(
     federation: Federation | None = None,
 ) -> SimResult:
     fed = federation or build_federation(cfg)
+    fed.engine.wait_for_every_offer()
     workers = list(trainers) if trainers is not None else build_trainers(cfg)
     books = RoundBookkeeper(fed, run_dir, checkpoints=False)
     rules = StopRules(max_rounds=cfg.system.max_rounds, target_accuracy=cfg.system.target_accuracy)

@@ -9,6 +9,7 @@ this module only sequences it and counts what crosses the wire.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -283,6 +284,12 @@ class RoundEngine:
         outcome.seconds = time.perf_counter() - started
         self.state.round += 1
         return outcome
+
+    def wait_for_every_offer(self) -> None:
+        """Take no offer cut-off short of the deadline (quorum 1). For in-memory workers, which
+        are never silent, only slow: a cut-off would make a simulation's results depend on how
+        loaded its machine is (late offers denied), not on the algorithm."""
+        self.settings = dataclasses.replace(self.settings, offer_quorum=1.0)
 
     def _quorum(self, workers: int) -> int:
         return max(1, math.ceil(self.settings.offer_quorum * workers)) if workers else 0

@@ -520,3 +520,19 @@ def test_heartbeats_keep_a_training_worker_seen() -> None:
     connected_at, mid_training, after = asyncio.run(scenario())
     assert mid_training > connected_at + 0.2  # seen again while held inside train()
     assert after >= mid_training
+
+
+def test_a_simulation_waits_for_every_offer_however_slow_its_workers_are(tmp_path: Path) -> None:
+    # Half the workers train far past the offer grace: the daemons' cut-off would deny them
+    # 'late' every round; in memory nobody is silent, so the simulation waits for them.
+    cfg = make_config(**{"system.offer_quorum": 0.5, "system.offer_grace_s": 0.0})
+    slow = {2, 3}
+    trainers = [
+        SyntheticTrainer(PROBLEM, i, delay_s=0.3 if i in slow else 0.0)
+        for i in range(cfg.system.total_workers)
+    ]
+    _, rows = run(cfg, tmp_path, trainers)
+    assert rows
+    for row in rows:
+        assert int(row["failed"]) == 0, row
+        assert not row.get("denied"), row

@@ -190,7 +190,7 @@ class RunStats:
     uploads: int
     skipped: int
     offers: int
-    wall_s: float
+    wall_s: float | None  # None: the run was cut before its end (no summary.json)
 
 
 def first_round(rows: list[dict[str, str]], level: float) -> int | None:
@@ -218,7 +218,7 @@ def _summary(run_dir: Path) -> dict[str, Any]:
 def run_stats(run_dir: Path) -> RunStats:
     with (run_dir / "rounds.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = _summary(run_dir) if (run_dir / "summary.json").exists() else {}
     cfg = load_config(run_dir / "config.toml")
     evaluated = [r for r in rows if _acc(r) > -math.inf]
     r80 = first_round(rows, 0.80)
@@ -242,7 +242,7 @@ def run_stats(run_dir: Path) -> RunStats:
         uploads=sum(int(r["selected"]) for r in rows),
         skipped=sum(int(r["skipped"]) for r in rows),
         offers=sum(int(r["participants"] or 0) for r in rows),
-        wall_s=float(summary["wall_s"]),
+        wall_s=float(summary["wall_s"]) if "wall_s" in summary else None,
     )
 
 
@@ -271,7 +271,7 @@ def markdown_table(stats: list[RunStats]) -> str:
             f"{s.final:.4f} | {_int(s.round_to_80)} | {_sci(s.up_bits_to_80)} | "
             f"{_int(s.round_to_85)} | {_sci(s.up_bits_to_85)} | {_sci(s.down_bits_to_85)} | "
             f"{_sci(s.total_bits_to_85)} | {_sci(per_upload)}{ratio} | {skipped} | "
-            f"{s.wall_s:.0f} |"
+            f"{'cut' if s.wall_s is None else f'{s.wall_s:.0f}'} |"
         )
     return "\n".join(lines)
 
@@ -514,14 +514,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.names:
         exact = args.out / name
         dirs += [exact] if exact.is_dir() else sorted(args.out.glob(f"{name}-*"))
-    dirs = [d for d in dirs if (d / "summary.json").exists()]
+    # Runs cut before their end (no summary.json) are reported too: "cut" in the wall column.
+    dirs = [d for d in dirs if (d / "rounds.csv").exists() and (d / "config.toml").exists()]
     stats = [run_stats(d) for d in dirs]
     print(markdown_table(stats))
     print()
     print(verdict(stats))
     if args.plot:
         # Sweep points stopped by hand (summary "aborted") are in the table, not in the plot.
-        finished = [d for d in dirs if "aborted" not in _summary(d)]
+        finished = [
+            d for d in dirs if not (d / "summary.json").exists() or "aborted" not in _summary(d)
+        ]
         title = "Fashion-MNIST, CNN, 20 workers, Dirichlet 0.1, 17 Mbit/round uplink budget"
         print(f"plot: {plot(finished, args.plot, title)}")
     return 0

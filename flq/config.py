@@ -169,6 +169,17 @@ class SystemConfig:
             maximum=1,
         ),
     )
+    participation: float = field(
+        default=1.0,
+        metadata=rule(
+            "Share of the connected workers invited to each round, drawn at random (seeded by "
+            "system.seed and the round); the rest sit the round out: they train nothing, their "
+            "stored contribution still counts where the mode reuses it (bbit, bin, sti), and "
+            "sitting out is not absence. 1 = every worker, every round.",
+            above=0,
+            maximum=1,
+        ),
+    )
     offer_grace_s: float = field(
         default=2.0,
         metadata=rule(

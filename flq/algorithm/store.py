@@ -162,11 +162,14 @@ class ContributionStore:
                 self.commit(worker_id, candidates[worker_id])
         return refused
 
-    def note_round(self, present: Collection[str]) -> list[str]:
-        """One more round: `present` workers (they offered) are back to 0 rounds absent, the
-        others one more. Returns the workers whose contribution stopped counting just now."""
+    def note_round(self, present: Collection[str], sitting_out: Collection[str] = ()) -> list[str]:
+        """One more round: `present` workers (they offered) are back to 0 rounds absent, those
+        `sitting_out` (not invited to it) stay as they were, the others one more. Returns the
+        workers whose contribution stopped counting just now."""
         expired = []
         for worker_id, entry in sorted(self._entries.items()):
+            if worker_id in sitting_out:
+                continue
             was_counting = self._counts(entry)
             entry.absent = 0 if worker_id in present else entry.absent + 1
             if was_counting and not self._counts(entry):

@@ -62,6 +62,8 @@ class EngineSettings:
     hello_timeout_s: float = 30.0
     offer_quorum: float = 0.5  # share of the round's workers whose offers make a quorum
     offer_grace_s: float = 2.0  # least wait for the rest once the quorum is in
+    participation: float = 1.0  # share of the connected workers invited to each round
+    seed: int = 0  # with the round, seeds who is invited
 
 
 class _Failure(Exception):
@@ -229,7 +231,8 @@ class RoundEngine:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.round_timeout_s
-        records = self.registry.connected()
+        connected = self.registry.connected()
+        records = invited(connected, self.settings.participation, self.settings.seed, round_id)
         outcome = RoundOutcome(round=round_id, participants=[r.worker_id for r in records])
         prepared = PreparedRound(
             round_id,
@@ -276,7 +279,9 @@ class RoundEngine:
             outcome,
         )
         self._apply(parts, outcome)
-        self._note_presence(parts)
+        self._note_presence(
+            parts, sitting_out={r.worker_id for r in connected} - set(outcome.participants)
+        )
         outcome.train_loss = _weighted_loss(cutoff.offers)
         self.registry.record_round(outcome)
         decision = await self._advise(round_id, outcome)
@@ -540,15 +545,16 @@ class RoundEngine:
             outcome.upload_bits[worker_id] = bits
             outcome.fresh.append(worker_id)
 
-    def _note_presence(self, parts: Sequence[_WorkerRound]) -> None:
+    def _note_presence(self, parts: Sequence[_WorkerRound], sitting_out: set[str]) -> None:
         """Workers that answered this round (an offer, even late, or a Skip) are present; a
-        contribution whose worker stayed away too long stops counting (flq.algorithm.store)."""
+        contribution whose worker stayed away too long stops counting (flq.algorithm.store).
+        Workers not invited (`sitting_out`) are neither: their counts do not move."""
         present = {p.record.worker_id for p in parts if p.offer is not None or p.skipped}
         for part in parts:
             worker = part.record.worker_id
             heard = worker in present or part.heard
             self._silent[worker] = 0 if heard else self._silent.get(worker, 0) + 1
-        for worker_id in self.state.store.note_round(present):
+        for worker_id in self.state.store.note_round(present, sitting_out):
             log.warning(
                 "stale contribution no longer counts: worker absent",
                 worker=worker_id,
@@ -580,6 +586,20 @@ class RoundEngine:
             outcome.llm_confidence = decision.confidence
             outcome.llm_reasoning = decision.reasoning
         outcome.lazy_scalar = self.state.lazy_scalar
+
+
+def invited(
+    connected: Sequence[WorkerRecord], participation: float, seed: int, round_id: int
+) -> list[WorkerRecord]:
+    """The workers invited to round `round_id`: all of them at participation 1, else
+    ceil(participation * n) (at least one) drawn without replacement by a generator seeded with
+    (seed, round), from the connected workers in id order, so a rerun invites the same ones."""
+    if participation >= 1.0 or len(connected) <= 1:
+        return list(connected)
+    ordered = sorted(connected, key=lambda r: r.worker_id)
+    count = max(1, math.ceil(participation * len(ordered)))
+    picks = np.random.default_rng([seed, round_id]).choice(len(ordered), count, replace=False)
+    return [ordered[i] for i in sorted(picks)]
 
 
 def _sample_shares(offers: dict[WorkerRecord, UploadOffer]) -> dict[str, float]:

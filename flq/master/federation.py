@@ -59,6 +59,8 @@ def engine_settings_from(cfg: Config) -> EngineSettings:
         round_timeout_s=cfg.system.round_timeout_s,
         offer_quorum=cfg.system.offer_quorum,
         offer_grace_s=cfg.system.offer_grace_s,
+        participation=cfg.system.participation,
+        seed=cfg.system.seed,
     )
 
 

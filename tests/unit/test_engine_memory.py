@@ -17,13 +17,17 @@ import pytest
 
 from flq.config import Config
 from flq.link import ProtocolViolation
+from flq.master.engine import invited
 from flq.master.federation import Federation, build_federation
+from flq.master.registry import WorkerRecord
 from flq.memlink import memory_link_pair
 from flq.sim import simulate_async
 from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
 from flq.types import (
     PROTOCOL_VERSION,
+    DeviceInfo,
     Hello,
+    Location,
     ResetReference,
     Shutdown,
     TrainSpec,
@@ -536,3 +540,42 @@ def test_a_simulation_waits_for_every_offer_however_slow_its_workers_are(tmp_pat
     for row in rows:
         assert int(row["failed"]) == 0, row
         assert not row.get("denied"), row
+
+
+def test_partial_participation_invites_a_seeded_share_and_sitting_out_is_not_absence(
+    tmp_path: Path,
+) -> None:
+    cfg = make_config(
+        **{
+            "system.total_workers": 6,
+            "system.min_workers": 6,
+            "system.participation": 0.5,
+            "system.max_rounds": 16,
+            "flq_algorithm.mode": "sti",
+            "flq_algorithm.density": 0.25,
+            "flq_algorithm.b_down": 8,
+            "aggregation.max_absent_rounds": 1,
+        }
+    )
+    federation, rows = run(cfg, tmp_path)
+    assert all(r["participants"] == 3 and r["failed"] == 0 for r in rows)
+    assert float(rows[-1]["loss"]) < 0.5 * float(rows[0]["loss"])
+    # In 16 rounds of 3 of 6, some worker sat out 2+ rounds in a row (max_absent_rounds = 1);
+    # still every worker's contribution counts: not invited is not absent.
+    store = federation.state.store
+    assert set(store.contributors()) == {f"w{i}" for i in range(6)}
+    assert all(store.absent(f"w{i}") == 0 for i in range(6))
+    # Same seed, same invitations: a rerun's rows name the same workers each round.
+    _, again = run(cfg, tmp_path / "again")
+    assert [r["uplink_bits"] for r in again] == [r["uplink_bits"] for r in rows]
+
+
+def test_invitations_are_seeded_by_round_and_cover_the_share() -> None:
+    records = [WorkerRecord(f"w{i}", 1, DeviceInfo(), Location()) for i in range(10)]
+    drawn = {r: [x.worker_id for x in invited(records, 0.25, 7, r)] for r in range(40)}
+    assert all(len(ids) == 3 and len(set(ids)) == 3 for ids in drawn.values())  # ceil(2.5)
+    assert drawn == {r: [x.worker_id for x in invited(records, 0.25, 7, r)] for r in range(40)}
+    assert len({tuple(ids) for ids in drawn.values()}) > 10  # it varies by round
+    assert {w for ids in drawn.values() for w in ids} == {f"w{i}" for i in range(10)}
+    assert invited(records, 1.0, 7, 3) == records
+    assert [x.worker_id for x in invited(records, 0.01, 7, 3)] != []  # at least one

@@ -37,7 +37,7 @@ ClientOptimizer = Literal["sgd", "adam"]
 Mode = Literal["fedavg", "laq8", "bbit", "bin", "stc", "sti"]
 GapCode = Literal["best", "golomb"]
 ServerOptimizer = Literal["avg", "sgd", "adam", "yogi", "adagrad"]
-Weighting = Literal["samples", "uniform", "llm"]
+Weighting = Literal["samples", "uniform", "llm", "agreement"]
 AggregationRule = Literal["mean", "trimmed_mean", "median", "norm_clipped"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
@@ -413,7 +413,11 @@ class AlgorithmConfig:
     server_lr: float = field(default=1.0, metadata=rule("Server learning rate.", above=0))
     weighting: Weighting = field(
         default="samples",
-        metadata=rule("Aggregation weights: by sample count, uniform, or proposed by an LLM."),
+        metadata=rule(
+            "Aggregation weights: by sample count, uniform, proposed by an LLM ([llm]), or "
+            "agreement: sample counts, down-weighted for updates that agree less with the "
+            "others than the median does (the same statistics the LLM is shown, no model)."
+        ),
     )
 
 
@@ -632,6 +636,18 @@ def _http_url_problem(value: Any) -> str | None:
     return _endpoint_problem(value) if parts.port is not None else None
 
 
+FEATURE_TEXT_CHARS = 200  # one description in the prompt: a sentence, not an essay
+
+
+def _feature_meanings_problem(value: Any) -> str | None:
+    for name, text in value.items():
+        if not name or len(name) > 64 or not name.isprintable():
+            return f"feature name {name!r}: expected 1..64 printable characters"
+        if not text.strip() or len(text) > FEATURE_TEXT_CHARS:
+            return f"feature {name!r}: expected a description of 1..{FEATURE_TEXT_CHARS} characters"
+    return None
+
+
 def _layer_list_problem(value: Any) -> str | None:
     names = [name.strip() for name in value.split(",")]
     if not value.strip() or any(not name for name in names):
@@ -684,7 +700,20 @@ class LlmConfig:
     max_clients_in_prompt: int = field(
         default=50,
         metadata=rule(
-            "Most contributors one prompt describes; more fall back to sample weights.", minimum=1
+            "Most contributors one prompt describes; with more, the model is asked about this "
+            "many (half the most anomalous by their update statistics, the rest the largest by "
+            "samples) and the others keep their sample weights.",
+            minimum=1,
+        ),
+    )
+    features: dict[str, str] = field(
+        default_factory=dict,
+        metadata=rule(
+            "What the workers' --feature values mean, told to the model: a table "
+            '`name = "description (unit)"`, e.g. `[llm.features]` `traffic_mbps = "uplink '
+            'traffic over the last minute, Mbit/s"`.',
+            check=_feature_meanings_problem,
+            allowed="a table of name = text",
         ),
     )
     base_url: str = field(
@@ -772,7 +801,7 @@ class Setting:
 
     section: str
     key: str
-    kind: type  # bool, int, float or str
+    kind: type  # bool, int, float, str, or dict (a table of strings)
     choices: tuple[str, ...]  # non-empty for Literal fields
     default: Any
     rule: Rule
@@ -784,7 +813,15 @@ SECTION_TYPES: dict[str, type] = dict(get_type_hints(Config))  # section name ->
 def _kind_of(hint: Any) -> tuple[type, tuple[str, ...]]:
     if get_origin(hint) is Literal:
         return str, tuple(get_args(hint))
+    if get_origin(hint) is dict:  # dict[str, str]: a table of names and texts
+        return dict, ()
     return hint, ()
+
+
+def _default_of(item: dataclasses.Field[Any]) -> Any:
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return item.default
 
 
 def _collect_settings() -> dict[str, dict[str, Setting]]:
@@ -796,7 +833,7 @@ def _collect_settings() -> dict[str, dict[str, Setting]]:
             kind, choices = _kind_of(hints[item.name])
             rule = item.metadata[_RULE_KEY]
             table[section][item.name] = Setting(
-                section, item.name, kind, choices, item.default, rule
+                section, item.name, kind, choices, _default_of(item), rule
             )
     return table
 
@@ -905,11 +942,20 @@ def _to_str(value: Any) -> Any:
     return value if isinstance(value, str) else _WRONG_TYPE
 
 
+def _to_str_table(value: Any) -> Any:
+    if not isinstance(value, Mapping):
+        return _WRONG_TYPE
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return _WRONG_TYPE
+    return dict(value)
+
+
 _CONVERTERS: dict[type, tuple[Callable[[Any], Any], str]] = {
     bool: (_to_bool, "true or false"),
     int: (_to_int, "an integer"),
     float: (_to_float, "a number"),
     str: (_to_str, "a string"),
+    dict: (_to_str_table, 'a table of strings, e.g. { name = "text" }'),
 }
 
 
@@ -1025,6 +1071,20 @@ def _cross_field_problems(cfg: Config) -> Iterator[str]:
         yield "security.tls_cert and security.tls_key must be set together"
     if security.require_client_cert and not (security.tls_ca and security.tls_cert):
         yield "security.require_client_cert needs security.tls_ca and security.tls_cert"
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that load and run but likely not as meant (`flq config check` prints them)."""
+    warnings = []
+    llm, workers = cfg.llm, cfg.system.total_workers
+    if cfg.flq_algorithm.weighting == "llm" and workers > llm.max_clients_in_prompt:
+        warnings.append(
+            f"llm.max_clients_in_prompt = {llm.max_clients_in_prompt} < system.total_workers = "
+            f"{workers}: each question describes {llm.max_clients_in_prompt} of the contributors "
+            "(half the most anomalous, the rest the largest by samples); the others keep their "
+            "sample weights"
+        )
+    return warnings
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
@@ -1158,6 +1218,9 @@ def _toml_value(value: Any) -> str:
         return repr(value)  # shortest round-tripping form; 1e-05 and 1.7e+16 are valid TOML
     if isinstance(value, str):
         return _toml_string(value)
+    if isinstance(value, Mapping):  # an inline table: { "name" = "text", ... }
+        pairs = ", ".join(f"{_toml_string(k)} = {_toml_value(v)}" for k, v in value.items())
+        return f"{{ {pairs} }}" if pairs else "{}"
     raise TypeError(f"no TOML form for {type(value).__name__}")
 
 
@@ -1185,7 +1248,7 @@ def _allowed_text(item: Setting) -> str:
 
 
 def _reference_row(item: Setting) -> str:
-    kind = {bool: "bool", int: "int", float: "float", str: "string"}[item.kind]
+    kind = {bool: "bool", int: "int", float: "float", str: "string", dict: "table"}[item.kind]
     original = "✓" if item.rule.original else ""
     cells = [
         f"`{item.key}`",

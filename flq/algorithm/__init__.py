@@ -44,6 +44,7 @@ from flq.algorithm.server_opt import (
     make_server_optimizer,
 )
 from flq.algorithm.store import ContributionStore
+from flq.algorithm.update_stats import UpdateStats, agreement_weights, update_stats
 from flq.algorithm.weighting import (
     SampleWeighting,
     UniformWeighting,
@@ -79,10 +80,12 @@ __all__ = [
     "ServerOptimizer",
     "SgdOptimizer",
     "UniformWeighting",
+    "UpdateStats",
     "UploadReference",
     "UploadSettings",
     "Weighting",
     "aggregate",
+    "agreement_weights",
     "bits_per_value",
     "check_upload",
     "combine",
@@ -98,6 +101,7 @@ __all__ = [
     "parse_rule",
     "screen_norms",
     "select_uploads",
+    "update_stats",
     "upload_codec",
     "weighted_mean",
 ]

@@ -35,6 +35,9 @@ class _Entry:
     weight_used: float = 0.0  # sum of the aggregation weights this worker has received
     norm: float = 0.0  # ||Q_i||, kept for screening and for finding the culprit of a bad step
     absent: int = 0  # rounds in a row without an offer from this worker
+    # ||Q_i - Q_i before its last upload|| / ||Q_i before||: how much its last upload moved it
+    # (None: a first upload, or Q_i was 0). Not checkpointed: unknown again after a restart.
+    change: float | None = None
 
 
 class ContributionStore:
@@ -81,6 +84,12 @@ class ContributionStore:
         """||Q_i|| (0 without a contribution)."""
         entry = self._entries.get(worker_id)
         return 0.0 if entry is None or entry.contribution is None else entry.norm
+
+    def change(self, worker_id: str) -> float | None:
+        """How much the worker's last upload moved Q_i, relative to Q_i before it (None: unknown,
+        e.g. its first upload)."""
+        entry = self._entries.get(worker_id)
+        return None if entry is None or entry.contribution is None else entry.change
 
     def absent(self, worker_id: str) -> int:
         entry = self._entries.get(worker_id)
@@ -130,6 +139,7 @@ class ContributionStore:
     def commit(self, worker_id: str, contribution: list[np.ndarray]) -> None:
         """Adopt a candidate as Q_i: the worker moved its Q_hat the same way."""
         entry = self._entries.setdefault(worker_id, _Entry())
+        entry.change = _relative_change(entry.contribution, entry.norm, contribution)
         entry.contribution = contribution
         entry.norm = norm(contribution)
         entry.absent = 0
@@ -244,3 +254,11 @@ class ContributionStore:
                 norm=0.0 if contribution is None else norm(contribution),
                 absent=int(absent[index]),
             )
+
+
+def _relative_change(
+    before: list[np.ndarray] | None, before_norm: float, after: list[np.ndarray]
+) -> float | None:
+    if before is None or before_norm <= 0:
+        return None
+    return norm([a - b for a, b in zip(after, before, strict=True)]) / before_norm

@@ -52,13 +52,15 @@ def version() -> None:
 @handle_errors
 def config_check(path: ConfigFile) -> None:
     """Validate a config file; exit 2 with a message naming the bad key if it is wrong."""
-    from flq.config import load_config
+    from flq.config import config_warnings, load_config
 
     cfg = load_config(path)
     typer.echo(
         f"{path}: ok (mode={cfg.flq_algorithm.mode}, workers={cfg.system.total_workers}, "
         f"rounds={cfg.system.max_rounds}, dataset={cfg.dataset.name})"
     )
+    for warning in config_warnings(cfg):
+        typer.echo(f"{path}: warning: {warning}", err=True)
 
 
 @config_app.command("show")
@@ -77,7 +79,7 @@ def config_show(
 Mode = Literal["fedavg", "laq8", "bbit", "bin", "stc", "sti"]  # as flq.config.Mode
 Dataset = Literal["digits", "fashion-mnist", "mnist", "npz", "synthetic"]
 ModelName = Literal["logreg", "mlp", "cnn"]
-Weighting = Literal["samples", "uniform", "llm"]
+Weighting = Literal["samples", "uniform", "llm", "agreement"]
 
 
 @app.command()
@@ -97,7 +99,10 @@ def demo(
     ] = 0.0,
     weighting: Annotated[
         Weighting,
-        typer.Option(help="Aggregation weights (llm: needs $GEMINI_API_KEY; see [llm] config)."),
+        typer.Option(
+            help="Aggregation weights (llm: needs $GEMINI_API_KEY, see [llm] config; agreement: "
+            "down-weight updates that disagree with the rest)."
+        ),
     ] = "samples",
     lora_rank: Annotated[
         int, typer.Option(min=0, help="LoRA-only federation with this adapter rank (0 = off).")

@@ -76,6 +76,7 @@ class RoundBookkeeper:
             self.last_loss, self.last_accuracy = await asyncio.to_thread(
                 fed.evaluate, fed.state.weights
             )
+            fed.engine.progress.evaluated(outcome.round, self.last_accuracy, self.last_loss)
         for key in TOTAL_KEYS:
             self.totals[key] += getattr(outcome, key)
         self.last_outcome = outcome
@@ -136,6 +137,9 @@ class RoundBookkeeper:
             "seconds": seconds,
             **fed.size_summary(self.totals["uplink_bits"]),
         }
+        advisor = fed.advisor_summary()
+        if advisor is not None:
+            summary["weight_advisor"] = advisor
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def close(self) -> None:

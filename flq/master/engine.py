@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 
-from flq.algorithm import Offer, Selection, normalise, select_uploads
+from flq.algorithm import Offer, Selection, normalise, select_uploads, update_stats
 from flq.codec import CodecError, EncodedTensor, Reassembler
 from flq.link import LinkClosed, ProtocolViolation, ViolationCode, WorkerLink
+from flq.master.advice import RunProgress, WeightAdvisor, advise_within, facts_for
 from flq.master.handshake import check_hello, reconcile_references, welcome_for
-from flq.master.llm import WeightAdvisor, advise_within, facts_for
 from flq.master.outcome import RoundOutcome
 from flq.master.prepared import PreparedRound
 from flq.master.registry import Registry, WorkerRecord
@@ -64,6 +64,7 @@ class EngineSettings:
     offer_grace_s: float = 2.0  # least wait for the rest once the quorum is in
     participation: float = 1.0  # share of the connected workers invited to each round
     seed: int = 0  # with the round, seeds who is invited
+    max_rounds: int = 0  # the run's length, for the weight advisor's view of progress
 
 
 class _Failure(Exception):
@@ -175,7 +176,8 @@ class RoundEngine:
         self.state = state
         self.registry = registry
         self.settings = settings
-        self.advisor = advisor  # proposes each round's aggregation weights (weighting = "llm")
+        self.advisor = advisor  # proposes each round's aggregation weights (llm, agreement)
+        self.progress = RunProgress(settings.max_rounds)  # what the advisor hears of the run
         self._silent: dict[str, int] = {}  # rounds in a row without an offer, by worker
 
     # ------------------------------------------------------------ sessions
@@ -283,6 +285,7 @@ class RoundEngine:
             parts, sitting_out={r.worker_id for r in connected} - set(outcome.participants)
         )
         outcome.train_loss = _weighted_loss(cutoff.offers)
+        self.progress.trained(outcome.train_loss)
         self.registry.record_round(outcome)
         decision = await self._advise(round_id, outcome)
         await self._step(outcome, decision)
@@ -566,11 +569,13 @@ class RoundEngine:
         if self.advisor is None:
             return None
         fresh = set(outcome.fresh)
-        contributors = [
-            facts_for(w, self.registry.get(w), round_id, w in fresh)
-            for w in self.state.store.contributors(fresh)
-        ]
-        return await advise_within(self.advisor, round_id, contributors)
+        ids = self.state.store.contributors(fresh)
+        records = {w: self.registry.get(w) for w in ids}
+        samples = {w: float(r.num_samples if r is not None else 0) for w, r in records.items()}
+        stats = update_stats(self.state.store, samples)  # against the sample-weighted aggregate
+        contributors = [facts_for(w, records[w], round_id, w in fresh, stats.get(w)) for w in ids]
+        signals = self.progress.signals(round_id)
+        return await advise_within(self.advisor, round_id, contributors, signals)
 
     async def _step(self, outcome: RoundOutcome, decision: WeightDecision | None) -> None:
         samples = {r.worker_id: r.num_samples for r in self.registry.all()}

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from flq.config import Config
+from flq.master.advice import AgreementAdvisor, WeightAdvisor
 from flq.master.engine import EngineSettings, RoundEngine
 from flq.master.llm import LlmAdvisor
 from flq.master.registry import Registry
@@ -61,6 +62,7 @@ def engine_settings_from(cfg: Config) -> EngineSettings:
         offer_grace_s=cfg.system.offer_grace_s,
         participation=cfg.system.participation,
         seed=cfg.system.seed,
+        max_rounds=cfg.system.max_rounds,
     )
 
 
@@ -164,6 +166,11 @@ class Federation:
         merge = getattr(self.evaluation, "model_weights", None)
         return self.state.weights if merge is None else list(merge(self.state.weights))
 
+    def advisor_summary(self) -> dict[str, Any] | None:
+        """What the weight advisor did (for summary.json), if it keeps such an account."""
+        summary = getattr(self.engine.advisor, "summary", None)
+        return None if summary is None else dict(summary())
+
     async def aclose(self) -> None:
         """Release what the federation holds beyond memory (the LLM advisor's connections)."""
         close = getattr(self.engine.advisor, "aclose", None)
@@ -183,6 +190,16 @@ def build_federation(cfg: Config, evaluation: ModelEvaluation | None = None) -> 
         )
     state = MasterState(evaluation.initial_weights, algorithm_settings_from(cfg))
     registry = Registry()
-    advisor = LlmAdvisor.from_config(cfg.llm) if cfg.flq_algorithm.weighting == "llm" else None
-    engine = RoundEngine(state, registry, engine_settings_from(cfg), advisor)
+    engine = RoundEngine(state, registry, engine_settings_from(cfg), advisor_for(cfg))
     return Federation(cfg, state, registry, engine, evaluation)
+
+
+def advisor_for(cfg: Config) -> WeightAdvisor | None:
+    """Who proposes each round's weights: an LLM, the agreement rule, or nobody (the rule in
+    MasterState decides)."""
+    weighting = cfg.flq_algorithm.weighting
+    if weighting == "llm":
+        return LlmAdvisor.from_config(cfg.llm)
+    if weighting == "agreement":
+        return AgreementAdvisor()
+    return None

@@ -32,6 +32,7 @@ from flq.config import Config
 
 log = structlog.get_logger("flq.master")
 NON_FINITE_STEP = "non-finite step"
+ADVISED_WEIGHTINGS = ("llm", "agreement")  # weights come from an advisor (flq/master/advice.py)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class WeightDecision:
     """A round's aggregation weights decided outside the step (an LLM advisor, flq/master/llm.py).
 
     `weights` are raw and non-negative; the aggregate keeps only contributors and normalises.
-    `source` is "llm", "cache" or "fallback:<reason>"."""
+    `source` is "llm", "cache", "agreement" or "fallback:<reason>"."""
 
     weights: Mapping[str, float]
     source: str
@@ -128,10 +129,10 @@ class MasterState:
         self.downlink = DownlinkSender(
             settings.b_down, settings.down_density, settings.gap_code != "golomb"
         )
-        # "llm" decides per round (WeightDecision); without a decision its rule is sample counts.
-        self.weighting = make_weighting(
-            "samples" if settings.weighting == "llm" else settings.weighting
-        )
+        # An advisor's weighting ("llm", "agreement") decides per round (WeightDecision);
+        # without a decision its rule is sample counts.
+        advised = settings.weighting in ADVISED_WEIGHTINGS
+        self.weighting = make_weighting("samples" if advised else settings.weighting)
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:

@@ -44,6 +44,20 @@ def test_config_check_names_the_bad_key_and_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2 and "b_up" in result.stderr and "17" in result.stderr
 
 
+def test_config_check_warns_when_the_fleet_outgrows_one_llm_prompt(tmp_path: Path) -> None:
+    cfg = tmp_path / "llm.toml"
+    cfg.write_text(
+        '[system]\ntotal_workers = 8\nmin_workers = 8\n[flq_algorithm]\nweighting = "llm"\n'
+        '[llm]\nmax_clients_in_prompt = 5\n[llm.features]\ntraffic_mbps = "uplink, Mbit/s"\n'
+    )
+    result = flq("config", "check", str(cfg))
+    assert result.returncode == 0, result.stderr
+    assert "ok (mode=" in result.stdout
+    assert "warning: llm.max_clients_in_prompt = 5 < system.total_workers = 8" in result.stderr
+    shown = flq("config", "show", str(cfg))
+    assert 'features = { "traffic_mbps" = "uplink, Mbit/s" }' in shown.stdout
+
+
 def test_config_show_fills_in_defaults() -> None:
     result = flq("config", "show", str(EXAMPLES / "original-flq.json"))
     assert result.returncode == 0

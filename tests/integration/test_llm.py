@@ -22,8 +22,9 @@ from flq import serde
 from flq.admin import AdminTarget, admin_client
 from flq.config import Config, default_config, with_overrides
 from flq.demo import child_env
+from flq.master.advice import ContributorFacts
 from flq.master.federation import build_federation
-from flq.master.llm import BASE_URL_ENV, ContributorFacts, LlmAdvisor, LlmSettings
+from flq.master.llm import BASE_URL_ENV, LlmAdvisor, LlmSettings
 from flq.master.results import read_rounds
 from flq.pb import flq_pb2 as pb
 from flq.sim import simulate_async
@@ -165,6 +166,7 @@ def test_an_unreachable_endpoint_falls_back() -> None:
     adv = LlmAdvisor(LlmSettings(base_url=url, timeout_s=5.0), environ=KEY_ENV)
     decision = asyncio.run(advise(adv, 1))
     assert decision.source == "fallback:network" and decision.weights == SAMPLE_WEIGHTS
+    assert f"(endpoint {url})" in decision.reasoning  # which endpoint failed, for the operator
 
 
 def test_the_answer_is_reused_for_cache_rounds_and_asked_again_after(
@@ -180,13 +182,47 @@ def test_the_answer_is_reused_for_cache_rounds_and_asked_again_after(
         sources.append((await adv.advise(5, newcomer)).source)  # w2 is not in the cached answer
         standin.script(INTERNAL)
         sources.append((await adv.advise(8, newcomer)).source)  # expired; the ask fails
-        sources.append((await adv.advise(9, newcomer)).source)  # a failure is not cached
         await adv.aclose()
         return sources
 
     sources = asyncio.run(rounds())
-    assert sources == ["llm", "cache", "cache", "llm", "llm", "fallback:http_500", "llm"]
-    assert len(standin.requests) == adv.asked == 5
+    assert sources == ["llm", "cache", "cache", "llm", "llm", "fallback:http_500"]
+    assert len(standin.requests) == adv.asked == 4
+
+
+def test_after_a_failed_call_the_advisor_backs_off_doubling_each_time(
+    standin: GeminiStandIn,
+) -> None:
+    """An outage costs one failed call per backoff, not one per round: cache_rounds 2 pauses
+    2 rounds after the first failure, 4 after the second; an answer ends the backoff."""
+    adv = advisor(standin, cache_rounds=2)
+    standin.script(QUOTA, QUOTA)
+
+    async def rounds() -> list[Any]:
+        decisions = [await adv.advise(r, FACTS) for r in range(1, 10)]
+        await adv.aclose()
+        return decisions
+
+    with capture_logs() as logs:
+        decisions = asyncio.run(rounds())
+    assert [d.source.removeprefix("fallback:") for d in decisions] == [
+        "quota",  # 1: asks, fails -> no question before round 3
+        "backoff",
+        "quota",  # 3: asks, fails again -> none before round 7
+        "backoff",
+        "backoff",
+        "backoff",
+        "llm",  # 7: asks, answered
+        "cache",
+        "llm",
+    ]
+    assert len(standin.requests) == 4
+    assert all(d.weights == SAMPLE_WEIGHTS for d in decisions[:6])
+    assert "not asking before round 7: 2 failed call(s)" in decisions[4].reasoning
+    said = [e for e in logs if e["event"] == "LLM call failed: backing off"]
+    assert [e["next_question_round"] for e in said] == [3, 7]
+    quiet = [e for e in logs if e.get("reason") == "backoff"]
+    assert quiet and all(e["log_level"] == "info" for e in quiet)  # one warning per failure
 
 
 def test_cached_weights_are_those_of_the_answer(standin: GeminiStandIn) -> None:
@@ -203,23 +239,44 @@ def test_cached_weights_are_those_of_the_answer(standin: GeminiStandIn) -> None:
     assert second.source == "cache" and second.weights == pytest.approx({"w0": 1 / 3})
 
 
-def test_without_a_key_nothing_is_sent(standin: GeminiStandIn) -> None:
-    adv = LlmAdvisor(LlmSettings(base_url=standin.base_url), environ={})
+def test_without_a_key_nothing_is_sent_and_start_up_says_so(standin: GeminiStandIn) -> None:
+    with capture_logs() as logs:
+        adv = LlmAdvisor(LlmSettings(base_url=standin.base_url), environ={})
+    (said,) = [e for e in logs if e["event"].startswith("no LLM API key")]
+    assert said["variable"] == "GEMINI_API_KEY" and said["endpoint"] == standin.base_url
     decision = asyncio.run(advise(adv, 1))
     assert decision.source == "fallback:no_api_key" and standin.requests == []
+    assert adv.summary()["api_key_set"] is False
 
 
-def test_too_many_contributors_for_one_prompt_fall_back(standin: GeminiStandIn) -> None:
-    decision = asyncio.run(advise(advisor(standin, max_clients_in_prompt=1), 1))
-    assert decision.source == "fallback:too_many_clients" and standin.requests == []
+def test_more_contributors_than_one_prompt_ask_about_a_subset(standin: GeminiStandIn) -> None:
+    """w1 (300 samples) is asked about; w0 keeps its sample share; the next round reuses the
+    answer for w1 and w0 keeps its share again."""
+    adv = advisor(standin, max_clients_in_prompt=1, cache_rounds=2)
+
+    async def two() -> tuple[Any, Any]:
+        first = await adv.advise(1, FACTS)
+        second = await adv.advise(2, FACTS)
+        await adv.aclose()
+        return first, second
+
+    first, second = asyncio.run(two())
+    (request,) = standin.requests
+    assert request.worker_ids == ["w1"] and [w["worker_id"] for w in request.workers] == ["w1"]
+    assert "1 not listed here keep their sample weights (25.0% of the samples)" in request.prompt
+    assert first.source == "llm" and "[asked about 1 of 2]" in first.reasoning
+    assert first.weights == pytest.approx({"w0": 0.25, "w1": 0.75})
+    assert second.source == "cache" and second.weights == pytest.approx(first.weights)
 
 
 def test_base_url_comes_from_the_environment_when_the_config_has_none() -> None:
     cfg = with_overrides(default_config(), {"llm.cache_rounds": 2})
     settings = LlmSettings.from_config(cfg.llm, {BASE_URL_ENV: "http://127.0.0.1:9"})
     assert settings.base_url == "http://127.0.0.1:9" and settings.cache_rounds == 2
+    assert settings.base_url_from == f"${BASE_URL_ENV}"
     cfg = with_overrides(cfg, {"llm.base_url": "http://proxy:8080"})
-    assert LlmSettings.from_config(cfg.llm, {BASE_URL_ENV: "x"}).base_url == "http://proxy:8080"
+    configured = LlmSettings.from_config(cfg.llm, {BASE_URL_ENV: "x"})
+    assert (configured.base_url, configured.base_url_from) == ("http://proxy:8080", "config")
 
 
 # ---------------------------------------------------------------- inside a federation
@@ -251,7 +308,7 @@ def test_the_engine_aggregates_with_the_llm_weights_and_records_them(
 ) -> None:
     monkeypatch.setenv("GEMINI_API_KEY", API_KEY)
     cfg = llm_config(standin.base_url)
-    # Round 1 asks (ranked answer), 2 reuses it, 3 asks and gets HTTP 500, 4 asks again, 5 reuses.
+    # Round 1 asks (ranked answer), 2 reuses it, 3 asks and gets HTTP 500, 4 backs off, 5 asks.
     standin.script(ranked_proposal, INTERNAL)
     federation = build_federation(cfg, SyntheticEvaluation(PROBLEM))
     trainers = [SyntheticTrainer(PROBLEM, i) for i in range(3)]
@@ -265,20 +322,52 @@ def test_the_engine_aggregates_with_the_llm_weights_and_records_them(
         "llm",
         "cache",
         "fallback:http_500",
+        "fallback:backoff",
         "llm",
-        "cache",
     ]
     ranked = "w0:0.1667;w1:0.3333;w2:0.5"
     equal = "w0:0.3333;w1:0.3333;w2:0.3333"  # sample counts, all 48
-    assert [r["weights_used"] for r in rows] == [ranked, ranked, equal, ranked, ranked]
-    assert [r["llm_confidence"] for r in rows] == ["0.900000"] * 2 + ["nan"] + ["0.900000"] * 2
-    assert rows[2]["llm_reasoning"] == "HTTP 500 INTERNAL"
+    assert [r["weights_used"] for r in rows] == [ranked, ranked, equal, equal, ranked]
+    assert [r["llm_confidence"] for r in rows] == ["0.900000"] * 2 + ["nan"] * 2 + ["0.900000"]
+    assert rows[2]["llm_reasoning"] == f"HTTP 500 INTERNAL (endpoint {standin.base_url})"
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])  # it still learns
     # The weights reached the aggregate: each worker's accumulated weight is the sum used.
     store = federation.state.store
-    assert store.weight_used("w2") == pytest.approx(4 * 0.5 + 1 / 3)
+    assert store.weight_used("w2") == pytest.approx(3 * 0.5 + 2 / 3)
+    # The prompt of round 5 carried the update statistics and the server's view of the run.
+    last = standin.requests[-1]
+    assert "Round 5." in last.prompt
+    server = json.loads(last.prompt.partition("Server (JSON): ")[2].partition("\n")[0])
+    assert (server["rounds_done"], server["max_rounds"]) == (4, 5)
+    assert [e["round"] for e in server["global_test"]] == [1, 2, 3, 4]
+    for worker in last.workers:
+        update = worker["update"]
+        assert update["norm"] > 0 and -1 <= update["cosine_with_others"] <= 1
+        assert update["change_since_last_upload"] is not None  # everyone uploaded before
     on_disk = read_rounds(tmp_path / "rounds.csv")
     assert [r["weights_source"] for r in on_disk] == [r["weights_source"] for r in rows]
+
+
+def test_the_agreement_rule_down_weights_a_worker_whose_labels_are_wrong(tmp_path: Path) -> None:
+    """weighting = "agreement": the same statistics the LLM is shown, decided by a rule. w2's
+    labels are negated, so its update points against the others' and it loses its weight."""
+    overrides = {"flq_algorithm.weighting": "agreement", "system.max_rounds": 4}
+    overrides.update({"system.total_workers": 5, "system.min_workers": 5})
+    cfg = llm_config("", **overrides)
+    trainers = [SyntheticTrainer(PROBLEM, i) for i in range(5)]
+    trainers[2].y = -trainers[2].y
+    rows: list[dict[str, Any]] = []
+    federation = build_federation(cfg, SyntheticEvaluation(PROBLEM))
+    asyncio.run(
+        simulate_async(
+            cfg, tmp_path, on_round=rows.append, trainers=trainers, federation=federation
+        )
+    )
+    assert [r["weights_source"] for r in rows] == ["agreement"] * 4
+    for row in rows:
+        weights = dict(cell.split(":") for cell in row["weights_used"].split(";"))
+        assert float(weights["w2"]) < 0.05 < min(float(weights["w0"]), float(weights["w1"]))
+        assert "w2 x0." in row["llm_reasoning"]
 
 
 async def _status(port: int) -> StatusReply:
@@ -337,6 +426,7 @@ def test_over_grpc_the_prompt_carries_what_workers_report_and_status_shows_the_w
     assert facts["w0"]["features"] == {"cpu_load": 0.75, "traffic_mbps": 12.5}
     assert facts["w1"]["location"] == {"site": "cellar"} and "features" not in facts["w1"]
     assert all(len(f["recent_losses"]) >= 2 for f in facts.values())
+    assert all(-1 <= f["update"]["cosine_with_aggregate"] <= 1 for f in facts.values())
 
 
 @pytest.mark.slow
@@ -369,4 +459,8 @@ def test_demo_with_llm_weighting_reuses_the_answer_between_asks(
     assert API_KEY not in (out / "master.log").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["flq_algorithm"]["weighting"] == "llm"
+    advisor_summary = summary["weight_advisor"]  # the endpoint asked, not the config's ""
+    assert advisor_summary["endpoint"] == standin.base_url
+    assert advisor_summary["endpoint_from"] == f"${BASE_URL_ENV}"
+    assert advisor_summary["rounds_by_source"] == {"cache": 4, "llm": 2}
     assert not math.isnan(float(rows[-1]["accuracy"]))

@@ -519,6 +519,9 @@ def _valid_value(item: Setting) -> st.SearchStrategy[Any]:
         return _CHECKED_STRINGS[item.key]
     if item.kind is str:
         return st.text(min_size=1, max_size=12)
+    if item.kind is dict:  # llm.features: name -> description
+        names = st.text(min_size=1, max_size=12).filter(str.isprintable)
+        return st.dictionaries(names, st.text(min_size=1, max_size=20).filter(str.strip))
     low = rule.minimum if rule.minimum is not None else rule.above
     high = rule.maximum if rule.maximum is not None else rule.below
     if item.kind is int:

@@ -36,6 +36,7 @@ ModelName = Literal["logreg", "mlp", "cnn"]
 ClientOptimizer = Literal["sgd", "adam"]
 Mode = Literal["fedavg", "laq8", "bbit", "bin", "stc", "sti"]
 GapCode = Literal["best", "golomb"]
+SparseScope = Literal["tensor", "model"]
 ServerOptimizer = Literal["avg", "sgd", "adam", "yogi", "adagrad"]
 Weighting = Literal["samples", "uniform", "llm", "agreement"]
 AggregationRule = Literal["mean", "trimmed_mean", "median", "norm_clipped"]
@@ -382,8 +383,8 @@ class AlgorithmConfig:
     density: float = field(
         default=0.01,
         metadata=rule(
-            "stc, sti: fraction p of the values each upload keeps (top-k over the whole "
-            "model, sent as +-mu).",
+            "stc, sti: fraction p of the values each upload keeps (top-k, sent as +-mu; "
+            "over each tensor or the whole model: sparse_scope).",
             above=0,
             maximum=1,
         ),
@@ -393,6 +394,14 @@ class AlgorithmConfig:
         metadata=rule(
             "stc, sti: how kept positions are coded: golomb (Golomb-Rice, the STC paper's) or "
             "best (per tensor the smaller of Golomb-Rice and Huffman-coded gap classes)."
+        ),
+    )
+    sparse_scope: SparseScope = field(
+        default="tensor",
+        metadata=rule(
+            "stc, sti (both ways): tensor = every tensor keeps its own top ceil(p*n) values as "
+            "+-mu with its own mu (the STC reference code's way: no layer starves); model = "
+            "the top p over all tensors together, one mu."
         ),
     )
     down_density: float = field(

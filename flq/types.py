@@ -90,6 +90,7 @@ class RoundConfig:
     bbit_block: int = 0  # bbit: 0 = LAQ grid per tensor, N = block grid with N values per radius
     density: float = 0.01  # stc: fraction of the update's values each upload keeps
     gap_code: str = "best"  # stc, sti: "golomb" (the paper's) or "best" (also gap classes)
+    sparse_scope: str = "tensor"  # stc, sti: top p of each tensor ("tensor") or of the model
 
 
 # ---------------------------------------------------------------- worker -> master

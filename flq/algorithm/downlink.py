@@ -87,7 +87,9 @@ class DownlinkRound:
 
 
 class DownlinkSender:
-    def __init__(self, b_down: int, density: float = 0.0, gap_classes: bool = True) -> None:
+    def __init__(
+        self, b_down: int, density: float = 0.0, gap_classes: bool = True, per_tensor: bool = True
+    ) -> None:
         if b_down < 1:
             raise ValueError(f"b_down must be >= 1, got {b_down}")
         if not 0 <= density <= 1:
@@ -95,6 +97,7 @@ class DownlinkSender:
         self.b_down = b_down
         self.density = density  # > 0: sparse ternary deltas
         self.gap_classes = gap_classes
+        self.per_tensor = per_tensor  # sparse deltas: each tensor its own top p (else the model's)
         self.version = 0
         self.reference: list[np.ndarray] | None = None  # theta_ref: what in-sync workers hold
         self.last_round: DownlinkRound | None = None
@@ -131,7 +134,7 @@ class DownlinkSender:
         # Fresh arrays, not in place: an earlier DownlinkRound may still build its keyframe.
         gap = [np.asarray(t, np.float32) - r for t, r in zip(theta, reference, strict=True)]
         if self.density:
-            delta = sparsify(gap, self.density, self.gap_classes)
+            delta = sparsify(gap, self.density, self.gap_classes, self.per_tensor)
         else:
             delta = [encode_laq_grid(g, self.b_down) for g in gap]
         moved = [r + decode(e, r.shape) for r, e in zip(reference, delta, strict=True)]

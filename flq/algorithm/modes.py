@@ -27,7 +27,7 @@ from typing import Literal, TypeAlias, get_args
 
 import numpy as np
 
-from flq.algorithm.stc import SPARSE_CODECS, kept_count, sparsify
+from flq.algorithm.stc import SPARSE_CODECS, kept_count, sparsify, tensor_keep_count
 from flq.codec import (
     Codec,
     EncodedTensor,
@@ -117,11 +117,12 @@ def encode_update(
     bbit_block: int = 0,
     density: float = 0.01,
     gap_classes: bool = True,
+    per_tensor: bool = True,
 ) -> list[EncodedTensor]:
-    """Encode a whole update: stc and sti pick their top values over all tensors together, the
-    other modes encode each tensor on its own."""
+    """Encode a whole update: stc and sti pick their top values in each tensor (`per_tensor`)
+    or over all tensors together; the other modes encode each tensor on its own."""
     if is_sparse(mode):
-        return sparsify(values, density, gap_classes)
+        return sparsify(values, density, gap_classes, per_tensor)
     return [encode_upload(mode, v, b_up, rng, stochastic_rounding, bbit_block) for v in values]
 
 
@@ -133,6 +134,7 @@ def check_upload(
     bbit_block: int = 0,
     density: float = 1.0,
     gap_classes: bool = True,
+    per_tensor: bool = True,
 ) -> None:
     """Raise ValueError unless `encoded` is what a worker in `mode` sends for these shapes."""
     if len(encoded) != len(shapes):
@@ -158,8 +160,15 @@ def check_upload(
                 f"tensor {index}: block size {tensor.scales}, this run's bbit_block is {bbit_block}"
             )
     if is_sparse(mode):
-        allowed = keep_count(sum(math.prod(shape) for shape in shapes), density)
+        allowed = allowed_kept(shapes, density, per_tensor)
         if kept_count(encoded) > allowed:
             raise ValueError(
                 f"upload keeps {kept_count(encoded)} values, density {density} allows {allowed}"
             )
+
+
+def allowed_kept(shapes: Sequence[tuple[int, ...]], density: float, per_tensor: bool) -> int:
+    """The most values a sparse upload of these shapes may keep at `density`."""
+    if per_tensor:
+        return sum(tensor_keep_count(math.prod(shape), density) for shape in shapes)
+    return keep_count(sum(math.prod(shape) for shape in shapes), density)

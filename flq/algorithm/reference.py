@@ -56,6 +56,8 @@ class RoundConfigLike(Protocol):
     def density(self) -> float: ...
     @property
     def gap_code(self) -> str: ...
+    @property
+    def sparse_scope(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class UploadSettings:
     bbit_block: int = 0  # bbit only: 0 = LAQ grid, N = block grid with N values per radius
     density: float = 0.01  # stc only: fraction of the update's values each upload keeps
     gap_classes: bool = True  # stc, sti: gap classes where smaller than Golomb-Rice
+    per_tensor: bool = True  # stc, sti: each tensor its own top p and mu (False: over the model)
 
     @property
     def uses_residual(self) -> bool:
@@ -124,6 +127,7 @@ class UploadReference:
             bbit_block=int(config.bbit_block),
             density=float(config.density),
             gap_classes=config.gap_code != "golomb",
+            per_tensor=config.sparse_scope != "model",
         )
 
     @classmethod
@@ -212,6 +216,7 @@ class UploadReference:
             s.bbit_block,
             s.density,
             s.gap_classes,
+            s.per_tensor,
         )
 
     def _quantize_innovation(

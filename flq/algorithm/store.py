@@ -50,6 +50,7 @@ class ContributionStore:
         max_absent: int | None = None,  # None: counts however long its worker is gone
         density: float = 1.0,
         gap_classes: bool = True,
+        per_tensor: bool = True,
     ) -> None:
         self.shapes: Shapes = [tuple(int(d) for d in shape) for shape in shapes]
         self.mode = mode
@@ -58,6 +59,7 @@ class ContributionStore:
         self.max_absent = max_absent
         self.density = density  # stc: the most values an upload may keep, as a fraction
         self.gap_classes = gap_classes  # stc, sti: False = Golomb-Rice only
+        self.per_tensor = per_tensor  # stc, sti: the density holds per tensor, not per model
         self._entries: dict[str, _Entry] = {}
 
     # ------------------------------------------------------------ queries
@@ -119,6 +121,7 @@ class ContributionStore:
             self.bbit_block,
             self.density,
             self.gap_classes,
+            self.per_tensor,
         )
 
     def candidate(self, worker_id: str, encoded: Sequence[EncodedTensor]) -> list[np.ndarray]:

@@ -45,6 +45,7 @@ def round_config_from(cfg: Config) -> RoundConfig:
         bbit_block=algo.bbit_block,
         density=algo.density,
         gap_code=algo.gap_code,
+        sparse_scope=algo.sparse_scope,
         error_feedback=algo.error_feedback,
         deadline_ms=int(cfg.system.round_timeout_s * 1000),
         optimizer=model.optimizer,

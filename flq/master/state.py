@@ -44,6 +44,7 @@ class AlgorithmSettings:
     b_down: int = 32
     down_density: float = 0.0
     gap_code: str = "best"
+    sparse_scope: str = "tensor"
     server_optimizer: str = "avg"
     server_lr: float = 1.0
     weighting: str = "samples"
@@ -62,6 +63,7 @@ def algorithm_settings_from(cfg: Config) -> AlgorithmSettings:
         b_down=algo.b_down,
         down_density=algo.down_density,
         gap_code=algo.gap_code,
+        sparse_scope=algo.sparse_scope,
         server_optimizer=algo.server_optimizer,
         server_lr=algo.server_lr,
         weighting=algo.weighting,
@@ -123,11 +125,15 @@ class MasterState:
             settings.bbit_block,
             density=settings.density,
             gap_classes=settings.gap_code != "golomb",
+            per_tensor=settings.sparse_scope == "tensor",
             max_absent=settings.max_absent,
         )
         self.optimizer = make_server_optimizer(settings.server_optimizer, settings.server_lr)
         self.downlink = DownlinkSender(
-            settings.b_down, settings.down_density, settings.gap_code != "golomb"
+            settings.b_down,
+            settings.down_density,
+            settings.gap_code != "golomb",
+            per_tensor=settings.sparse_scope == "tensor",
         )
         # An advisor's weighting ("llm", "agreement") decides per round (WeightDecision);
         # without a decision its rule is sample counts.

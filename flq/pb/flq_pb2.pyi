@@ -81,7 +81,7 @@ class Location(_message.Message):
     def __init__(self, has_coordinates: bool = ..., latitude: _Optional[float] = ..., longitude: _Optional[float] = ..., site: _Optional[str] = ...) -> None: ...
 
 class RoundConfig(_message.Message):
-    __slots__ = ("mode", "b_up", "b_down", "local_steps", "local_epochs", "batch_size", "lr", "l2", "prox_mu", "thr_scale", "lazy_d", "lazy_ck", "lazy_c", "warmup", "stochastic_rounding", "error_feedback", "deadline_ms", "optimizer", "bbit_block", "density", "gap_code")
+    __slots__ = ("mode", "b_up", "b_down", "local_steps", "local_epochs", "batch_size", "lr", "l2", "prox_mu", "thr_scale", "lazy_d", "lazy_ck", "lazy_c", "warmup", "stochastic_rounding", "error_feedback", "deadline_ms", "optimizer", "bbit_block", "density", "gap_code", "sparse_scope")
     MODE_FIELD_NUMBER: _ClassVar[int]
     B_UP_FIELD_NUMBER: _ClassVar[int]
     B_DOWN_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class RoundConfig(_message.Message):
     BBIT_BLOCK_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
     GAP_CODE_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_SCOPE_FIELD_NUMBER: _ClassVar[int]
     mode: str
     b_up: int
     b_down: int
@@ -124,7 +125,8 @@ class RoundConfig(_message.Message):
     bbit_block: int
     density: float
     gap_code: str
-    def __init__(self, mode: _Optional[str] = ..., b_up: _Optional[int] = ..., b_down: _Optional[int] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., l2: _Optional[float] = ..., prox_mu: _Optional[float] = ..., thr_scale: _Optional[float] = ..., lazy_d: _Optional[int] = ..., lazy_ck: _Optional[float] = ..., lazy_c: _Optional[int] = ..., warmup: _Optional[int] = ..., stochastic_rounding: bool = ..., error_feedback: bool = ..., deadline_ms: _Optional[int] = ..., optimizer: _Optional[str] = ..., bbit_block: _Optional[int] = ..., density: _Optional[float] = ..., gap_code: _Optional[str] = ...) -> None: ...
+    sparse_scope: str
+    def __init__(self, mode: _Optional[str] = ..., b_up: _Optional[int] = ..., b_down: _Optional[int] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., l2: _Optional[float] = ..., prox_mu: _Optional[float] = ..., thr_scale: _Optional[float] = ..., lazy_d: _Optional[int] = ..., lazy_ck: _Optional[float] = ..., lazy_c: _Optional[int] = ..., warmup: _Optional[int] = ..., stochastic_rounding: bool = ..., error_feedback: bool = ..., deadline_ms: _Optional[int] = ..., optimizer: _Optional[str] = ..., bbit_block: _Optional[int] = ..., density: _Optional[float] = ..., gap_code: _Optional[str] = ..., sparse_scope: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("worker_id", "protocol_version", "num_samples", "device", "location", "upload_ref_version", "download_ref_version", "features")

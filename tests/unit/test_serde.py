@@ -169,6 +169,7 @@ def test_every_round_config_field_travels() -> None:
         bbit_block=256,
         density=0.0025,
         gap_code="golomb",
+        sparse_scope="model",
     )
     assert all(
         getattr(changed, f) != getattr(RoundConfig(), f) for f in RoundConfig.__dataclass_fields__

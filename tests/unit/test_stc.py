@@ -118,7 +118,7 @@ def test_sparsify_keeps_the_top_values_over_the_whole_model() -> None:
     rng = np.random.default_rng(2)
     values = _update(rng)
     values[1] *= 10  # the small tensor holds the largest values: a per-tensor top-k would not
-    encoded = sparsify(values, 0.02)
+    encoded = sparsify(values, 0.02, per_tensor=False)
     k = round(0.02 * TOTAL)
     assert kept_count(encoded) == k
     flat = np.concatenate([v.reshape(-1) for v in values])
@@ -129,6 +129,29 @@ def test_sparsify_keeps_the_top_values_over_the_whole_model() -> None:
     np.testing.assert_array_equal(np.flatnonzero(decoded), top)
     mu = np.float32(np.abs(flat[top]).mean(dtype=np.float64))
     np.testing.assert_array_equal(decoded[top], np.sign(flat[top]) * mu)
+
+
+def test_per_tensor_scope_gives_every_tensor_its_own_top_values_and_mu() -> None:
+    rng = np.random.default_rng(2)
+    values = _update(rng)
+    values[1] *= 10  # over the whole model the other tensors would lose their share to this one
+    encoded = sparsify(values, 0.02)  # per tensor: the default, as STC's reference code
+    assert [int(e.scales[1]) for e in encoded] == [20, 1, 2]  # ceil(0.02 * n) each
+    assert kept_count(encoded) == 23 > round(0.02 * TOTAL)
+    for value, tensor, shape in zip(values, encoded, SHAPES, strict=True):
+        flat = value.reshape(-1)
+        k = math.ceil(0.02 * flat.size)
+        top = np.sort(np.argsort(-np.abs(flat))[:k])
+        decoded = decode(tensor, shape).reshape(-1)
+        np.testing.assert_array_equal(np.flatnonzero(decoded), top)
+        mu = np.float32(np.abs(flat[top]).mean(dtype=np.float64))  # this tensor's own mu
+        np.testing.assert_array_equal(decoded[top], np.sign(flat[top]) * mu)
+    # The master holds each scope to its own allowance: a per-tensor upload keeps more values
+    # than a model-scope one may.
+    whole = ContributionStore(SHAPES, "stc", density=0.02, per_tensor=False)
+    with pytest.raises(ValueError, match="keeps 23 values, density 0.02 allows 22"):
+        whole.check(encoded)
+    ContributionStore(SHAPES, "stc", density=0.02).check(encoded)
 
 
 def _stc_reference(**kwargs: object) -> UploadReference:
@@ -147,7 +170,7 @@ def test_the_residual_keeps_exactly_what_was_not_sent_and_survives_skipped_round
         before = [r.copy() for r in reference.residual]
         prepared = reference.prepare(update, round_index, rng)
         sent = [decode(e, s) for e, s in zip(prepared.encoded, SHAPES, strict=True)]
-        assert kept_count(prepared.encoded) == round(0.05 * TOTAL)
+        assert kept_count(prepared.encoded) == sum(math.ceil(0.05 * math.prod(s)) for s in SHAPES)
         # the contribution is the upload itself
         for d, s in zip(prepared.delta, sent, strict=True):
             np.testing.assert_array_equal(d, s)
@@ -234,7 +257,7 @@ def test_sti_sends_sparse_innovations_the_master_mirrors_and_reuses() -> None:
     target = _update(rng)
     for round_index in range(5):
         prepared = reference.prepare(target, round_index, rng)
-        assert kept_count(prepared.encoded) == round(0.05 * TOTAL)
+        assert kept_count(prepared.encoded) == sum(math.ceil(0.05 * math.prod(s)) for s in SHAPES)
         store.apply_upload("a", prepared.encoded)
         reference.commit(prepared)
         for q_master, q_worker in zip(store.contribution("a") or [], reference.q_hat, strict=True):

@@ -149,7 +149,7 @@ def test_per_tensor_scope_gives_every_tensor_its_own_top_values_and_mu() -> None
     # The master holds each scope to its own allowance: a per-tensor upload keeps more values
     # than a model-scope one may.
     whole = ContributionStore(SHAPES, "stc", density=0.02, per_tensor=False)
-    with pytest.raises(ValueError, match="keeps 23 values, density 0.02 allows 22"):
+    with pytest.raises(ValueError, match=r"keeps 23 values, density 0\.02 allows 22"):
         whole.check(encoded)
     ContributionStore(SHAPES, "stc", density=0.02).check(encoded)
 

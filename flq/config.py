@@ -43,6 +43,7 @@ AggregationRule = Literal["mean", "trimmed_mean", "median", "norm_clipped"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 LlmProvider = Literal["gemini"]
+FusionMethod = Literal["none", "distill", "param_attention"]
 
 URL_SCHEMES = ("http", "grpc")  # the scheme is decoration: the transport is always gRPC
 _RULE_KEY = "flq"  # where a field's Rule lives in its dataclass metadata
@@ -759,6 +760,105 @@ class LoraConfig:
     )
 
 
+def _layer_names_problem(value: Any) -> str | None:
+    names = [name.strip() for name in value.split(",")]
+    if not value.strip() or any(not name for name in names):
+        return 'expected comma-separated Dense layer names, e.g. "probs" or "fc,probs"'
+    return None
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Knowledge fusion: after each server step the master moves knowledge from a large teacher
+    model it holds into the global model, on data only the master holds (docs/architecture.md).
+
+    The change goes down to the workers like any other global update (quantized downlink, bits
+    counted); no uplink bit is spent. A fusion that fails in a round (an error, a non-finite
+    loss or model) is skipped for that round and recorded in rounds.csv's `fusion` column."""
+
+    method: FusionMethod = field(
+        default="none",
+        metadata=rule(
+            "none; distill (train the global model a few steps on the server's data against the "
+            "teacher's softened outputs and the labels); param_attention (MergeNet-style: a small "
+            "attention module maps the teacher's parameters to an adjustment of chosen student "
+            "layers, trained with the student's loss)."
+        ),
+    )
+    teacher: str = field(
+        default="",
+        metadata=rule(
+            "The teacher: a Keras model file (.keras or .h5) taking the dataset's samples and "
+            "returning class probabilities. Needed unless method = none."
+        ),
+    )
+    server_share: float = field(
+        default=0.0,
+        metadata=rule(
+            "Share of the built-in training set the master holds out as its own data (stratified, "
+            "by system.seed) and removes from every worker's partition, whatever the method, so "
+            "runs with and without fusion train workers on the same data; 0 = none.",
+            minimum=0,
+            below=1,
+        ),
+    )
+    start_round: int = field(
+        default=2, metadata=rule("First round after which fusion runs.", minimum=1)
+    )
+    every: int = field(
+        default=1, metadata=rule("Fuse after every N-th round from start_round.", minimum=1)
+    )
+    steps: int = field(
+        default=10,
+        metadata=rule("Optimizer steps per fusion (minibatches of server data).", minimum=1),
+    )
+    batch_size: int = field(
+        default=64, metadata=rule("Minibatch size of the fusion steps.", minimum=1)
+    )
+    lr: float = field(
+        default=1e-3,
+        metadata=rule(
+            "Adam learning rate of the fusion steps (its moments restart each fusion for "
+            "distill; the attention module keeps its optimizer across rounds).",
+            above=0,
+        ),
+    )
+    temperature: float = field(
+        default=2.0,
+        metadata=rule(
+            "Distillation temperature: teacher and student logits are divided by it.", above=0
+        ),
+    )
+    label_weight: float = field(
+        default=0.5,
+        metadata=rule(
+            "distill: weight of the labels' cross-entropy beside the teacher's softened outputs "
+            "(1 - label_weight, times temperature^2); 0 = the teacher alone.",
+            minimum=0,
+            maximum=1,
+        ),
+    )
+    student_layers: str = field(
+        default="probs",
+        metadata=rule(
+            "param_attention: Dense layers of the student it adjusts (mlp: hidden, probs; cnn: "
+            "fc, probs); each is paired with the teacher's layer of that name, the output layer "
+            "with the teacher's output layer.",
+            check=_layer_names_problem,
+            allowed="layer names",
+        ),
+    )
+    attention_dim: int = field(
+        default=64, metadata=rule("param_attention: width of the attention module.", minimum=1)
+    )
+    attention_heads: int = field(
+        default=8, metadata=rule("param_attention: attention heads.", minimum=1)
+    )
+    attention_blocks: int = field(
+        default=2, metadata=rule("param_attention: stacked cross-attention blocks.", minimum=1)
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole config: one frozen dataclass per section of the file."""
@@ -775,6 +875,7 @@ class Config:
     llm: LlmConfig = field(default_factory=LlmConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
 
 
 @dataclass(frozen=True)
@@ -1075,6 +1176,7 @@ def _cross_field_problems(cfg: Config) -> Iterator[str]:
             f"flq_algorithm.b_up = {algo.b_up} with bbit_block = {algo.bbit_block}: the block grid "
             "needs b_up >= 2 (one bit leaves no level but 0); raise b_up or set bbit_block = 0"
         )
+    yield from _fusion_problems(cfg)
     security = cfg.security
     if bool(security.tls_cert) != bool(security.tls_key):
         yield "security.tls_cert and security.tls_key must be set together"
@@ -1094,6 +1196,28 @@ def config_warnings(cfg: Config) -> list[str]:
             "sample weights"
         )
     return warnings
+
+
+def _fusion_problems(cfg: Config) -> Iterator[str]:
+    fusion = cfg.fusion
+    if fusion.method == "none":
+        return
+    if not fusion.teacher:
+        yield f"fusion.method = {fusion.method!r} needs fusion.teacher (a Keras model file)"
+    if cfg.dataset.name == "synthetic":
+        yield f"fusion.method = {fusion.method!r} needs a Keras model; dataset synthetic has none"
+    if fusion.server_share == 0:
+        yield (
+            f"fusion.method = {fusion.method!r} needs server data: set fusion.server_share "
+            "(e.g. 0.1) to hold out a share of the training set for the master"
+        )
+    if fusion.attention_dim % fusion.attention_heads:
+        yield (
+            f"fusion.attention_dim = {fusion.attention_dim} is not a multiple of "
+            f"fusion.attention_heads = {fusion.attention_heads}"
+        )
+    if cfg.lora.rank > 0:
+        yield "fusion with lora.rank > 0 is not supported: fusion changes the whole model"
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:

@@ -91,6 +91,19 @@ class _MasterLive(Collector):
         yield state
 
 
+class FusionLike(Protocol):
+    """A round's fusion step (flq.master.fusion.FusionRecord)."""
+
+    @property
+    def status(self) -> str: ...  # "" (not due), "applied" or "skipped:<reason>"
+
+    @property
+    def loss(self) -> float: ...
+
+    @property
+    def seconds(self) -> float: ...
+
+
 class RoundLike(Protocol):
     """What observe_round reads from a round's outcome (flq.master.outcome.RoundOutcome)."""
 
@@ -107,6 +120,9 @@ class RoundLike(Protocol):
     wire_bytes: int
     seconds: float
     train_loss: float
+
+    @property
+    def fusion(self) -> FusionLike: ...
 
 
 class MasterMetrics:
@@ -169,6 +185,24 @@ class MasterMetrics:
             buckets=ROUND_SECONDS_BUCKETS,
             registry=r,
         )
+        self.fusions = Counter(
+            "flq_master_fusions",
+            "Fusion steps by result (applied, skipped: an error or a non-finite result).",
+            ["result"],
+            registry=r,
+        )
+        self.fusion_seconds = Histogram(
+            "flq_master_fusion_duration_seconds",
+            "Wall time of a fusion step in the master (teacher knowledge into the model).",
+            buckets=ROUND_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.fusion_loss = Gauge(
+            "flq_master_fusion_loss", "Server-side loss of the last fusion step.", registry=r
+        )
+        self.fusion_loss.set(math.nan)
+        for result in ("applied", "skipped"):
+            self.fusions.labels(result)
         for outcome in ROUND_OUTCOMES:
             self.round_workers.labels(outcome).set(0)
             if outcome != "participants":
@@ -213,6 +247,14 @@ class MasterMetrics:
             self.round_workers.labels(name).set(count)
             if name != "participants":
                 self.worker_outcomes.labels(name).inc(count)
+        self._observe_fusion(outcome.fusion)
+
+    def _observe_fusion(self, fusion: FusionLike) -> None:
+        if not fusion.status:
+            return
+        self.fusions.labels("applied" if fusion.status == "applied" else "skipped").inc()
+        self.fusion_seconds.observe(fusion.seconds)
+        self.fusion_loss.set(fusion.loss)
 
 
 # ---------------------------------------------------------------- worker

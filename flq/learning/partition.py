@@ -20,7 +20,7 @@ from typing import Final
 
 import numpy as np
 
-from flq.learning.data import ArrayData, load_dataset
+from flq.learning.data import ArrayData, load_dataset, stratified_test_mask
 
 SCHEMES: Final = ("iid", "dirichlet", "shards")
 MIN_SAMPLES: Final = 10  # the fewest samples a Dirichlet worker may hold (if the data allows)
@@ -150,11 +150,14 @@ def load_worker_partition(
     shards_per_worker: int,
     seed: int,
     test_fraction: float,
+    server_share: float = 0.0,
 ) -> ArrayData:
-    """This worker's own training samples (a copy); the rest of the dataset is not kept."""
+    """This worker's own training samples (a copy); the rest of the dataset is not kept. The
+    master's held-out share (`server_share`, see `split_server_share`) is never a worker's."""
     if not 0 <= index < num_workers:
         raise ValueError(f"index: got {index}, expected 0..{num_workers - 1}")
     _, train, _ = load_dataset(name, data_dir, test_fraction=test_fraction, seed=seed)
+    _, train = split_server_share(train, server_share, seed)
     parts = partition_indices(
         train.y,
         num_workers,
@@ -164,3 +167,15 @@ def load_worker_partition(
         seed=seed,
     )
     return train.subset(parts[index])
+
+
+def split_server_share(train: ArrayData, share: float, seed: int) -> tuple[ArrayData, ArrayData]:
+    """(the master's share, the workers' rest) of a training set: `share` of every class, chosen
+    by `seed`, so the master and every worker compute the same split without shipping indices.
+    Share 0 leaves everything to the workers."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"server_share: got {share}, expected 0 <= share < 1")
+    if share == 0.0:
+        return train.subset(np.zeros(0, dtype=np.int64)), train
+    held = stratified_test_mask(train.y, share, seed)
+    return train.subset(np.flatnonzero(held)), train.subset(np.flatnonzero(~held))

@@ -22,6 +22,7 @@ from flq.algorithm import Offer, Selection, normalise, select_uploads, update_st
 from flq.codec import CodecError, EncodedTensor, Reassembler
 from flq.link import LinkClosed, ProtocolViolation, ViolationCode, WorkerLink
 from flq.master.advice import RunProgress, WeightAdvisor, advise_within, facts_for
+from flq.master.fusion import FusionStep
 from flq.master.handshake import check_hello, reconcile_references, welcome_for
 from flq.master.outcome import RoundOutcome
 from flq.master.prepared import PreparedRound
@@ -172,12 +173,14 @@ class RoundEngine:
         registry: Registry,
         settings: EngineSettings,
         advisor: WeightAdvisor | None = None,
+        fusion: FusionStep | None = None,
     ) -> None:
         self.state = state
         self.registry = registry
         self.settings = settings
         self.advisor = advisor  # proposes each round's aggregation weights (llm, agreement)
         self.progress = RunProgress(settings.max_rounds)  # what the advisor hears of the run
+        self.fusion = fusion  # fuses a teacher's knowledge into the model after the step
         self._silent: dict[str, int] = {}  # rounds in a row without an offer, by worker
 
     # ------------------------------------------------------------ sessions
@@ -222,7 +225,9 @@ class RoundEngine:
         4. collect the granted uploads; any grant whose upload is not applied (lost, refused,
            or dropped from a non-finite step) resets that worker's reference on both sides;
         5. store the uploads (screened), add the round to the registry's counters, ask the
-           weight advisor (if any) and step the global model with every counting contribution.
+           weight advisor (if any) and step the global model with every counting contribution;
+        6. when a fusion is due, fuse the teacher's knowledge into the stepped model
+           (flq.master.fusion: applied, or skipped with the reason; the next round sends it).
 
         Each worker moves through the round in its own task, so no worker waits on another's
         messages; the only shared moment is the cut-off (`_OfferCutoff`: every offer in, or a
@@ -289,6 +294,7 @@ class RoundEngine:
         self.registry.record_round(outcome)
         decision = await self._advise(round_id, outcome)
         await self._step(outcome, decision)
+        await self._fuse(round_id, outcome)
         outcome.seconds = time.perf_counter() - started
         self.state.round += 1
         return outcome
@@ -591,6 +597,13 @@ class RoundEngine:
             outcome.llm_confidence = decision.confidence
             outcome.llm_reasoning = decision.reasoning
         outcome.lazy_scalar = self.state.lazy_scalar
+
+    async def _fuse(self, round_id: int, outcome: RoundOutcome) -> None:
+        """The fusion step, after the server step (none without [fusion])."""
+        if self.fusion is not None:
+            outcome.fusion, fused = await self.fusion.run(self.state.weights, round_id)
+            if fused is not None:
+                self.state.apply_fused(fused)
 
 
 def invited(

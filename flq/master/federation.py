@@ -12,15 +12,19 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import structlog
 
 from flq.config import Config
 from flq.master.advice import AgreementAdvisor, WeightAdvisor
 from flq.master.engine import EngineSettings, RoundEngine
+from flq.master.fusion import FusionSchedule, FusionStep
 from flq.master.llm import LlmAdvisor
 from flq.master.registry import Registry
 from flq.master.state import MasterState, algorithm_settings_from
 from flq.synthetic import SyntheticEvaluation, problem_for
 from flq.types import RoundConfig
+
+log = structlog.get_logger("flq.master")
 
 
 def round_config_from(cfg: Config) -> RoundConfig:
@@ -184,6 +188,8 @@ def build_federation(cfg: Config, evaluation: ModelEvaluation | None = None) -> 
     if cfg.lora.rank > 0 and cfg.dataset.name == "synthetic":
         raise ValueError("lora.rank > 0 needs a Keras model; dataset synthetic has none")
     if evaluation is None:
+        if cfg.fusion.method != "none":
+            _apply_master_device_caps(cfg)  # before TensorFlow's runtime starts
         evaluation = (
             SyntheticEvaluation(problem_for(cfg))
             if cfg.dataset.name == "synthetic"
@@ -191,7 +197,8 @@ def build_federation(cfg: Config, evaluation: ModelEvaluation | None = None) -> 
         )
     state = MasterState(evaluation.initial_weights, algorithm_settings_from(cfg))
     registry = Registry()
-    engine = RoundEngine(state, registry, engine_settings_from(cfg), advisor_for(cfg))
+    fusion = build_fusion(cfg, evaluation.initial_weights)
+    engine = RoundEngine(state, registry, engine_settings_from(cfg), advisor_for(cfg), fusion)
     return Federation(cfg, state, registry, engine, evaluation)
 
 
@@ -204,3 +211,60 @@ def advisor_for(cfg: Config) -> WeightAdvisor | None:
     if weighting == "agreement":
         return AgreementAdvisor()
     return None
+
+
+def build_fusion(cfg: Config, initial_weights: list[np.ndarray]) -> FusionStep | None:
+    """The fusion step of [fusion] (None for method none): the teacher loaded once, the master's
+    held-out share of the training set as its data. FusionSetupError (exit 2) when the teacher
+    file is missing or unreadable, or does not fit the dataset or the model."""
+    fusion = cfg.fusion
+    if fusion.method == "none":
+        return None
+    from flq.learning.data import load_dataset
+    from flq.learning.fusion import FusionSettings, build_fuser
+    from flq.learning.partition import split_server_share
+
+    data = cfg.dataset
+    spec, train, _ = load_dataset(
+        data.name, data.data_dir, test_fraction=data.test_fraction, seed=cfg.system.seed
+    )
+    server, _ = split_server_share(train, fusion.server_share, cfg.system.seed)
+    settings = FusionSettings(
+        method=fusion.method,
+        teacher=fusion.teacher,
+        model_name=cfg.model.name,
+        hidden_units=cfg.model.hidden_units,
+        steps=fusion.steps,
+        batch_size=fusion.batch_size,
+        lr=fusion.lr,
+        temperature=fusion.temperature,
+        label_weight=fusion.label_weight,
+        student_layers=tuple(n.strip() for n in fusion.student_layers.split(",")),
+        attention_dim=fusion.attention_dim,
+        attention_heads=fusion.attention_heads,
+        attention_blocks=fusion.attention_blocks,
+        seed=cfg.system.seed,
+    )
+    fuser = build_fuser(settings, spec, server, initial_weights)
+    log.info(
+        "fusion ready",
+        method=fusion.method,
+        teacher=fusion.teacher,
+        server_samples=len(server),
+        start_round=fusion.start_round,
+        every=fusion.every,
+    )
+    return FusionStep(fuser, FusionSchedule(fusion.start_round, fusion.every), fusion.method)
+
+
+def _apply_master_device_caps(cfg: Config) -> None:
+    """The teacher makes the master a heavy TensorFlow user: the config's GPU memory caps apply
+    to it as to a worker (mixed precision does not: the master's models compute in float32)."""
+    from flq.learning.device import apply_device_caps
+
+    caps = cfg.jetson_optimization
+    apply_device_caps(
+        gpu_memory_limit_mb=caps.gpu_memory_limit_mb,
+        memory_growth=caps.memory_growth,
+        mixed_precision=False,
+    )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from flq.master.fusion import FusionRecord
+
 
 @dataclass
 class RoundOutcome:
@@ -31,3 +33,4 @@ class RoundOutcome:
     weights_source: str = "samples"  # samples | uniform | llm | cache | fallback:<reason>
     llm_confidence: float = math.nan
     llm_reasoning: str = ""
+    fusion: FusionRecord = field(default_factory=FusionRecord)  # the fusion step, if any

@@ -45,6 +45,9 @@ EXTRA_COLUMNS = (
     "llm_confidence",  # weighting = "llm": the answer's confidence (empty otherwise)
     "llm_reasoning",  # weighting = "llm": its reasoning, or why it fell back (one line)
     "rejected",  # "w3:update norm ... > 10 x median ...": refused uploads and sessions, and why
+    "fusion",  # [fusion]: applied, skipped:<reason>, or empty when no fusion was due
+    "fusion_loss",  # the fusion's server-side loss (mean over its steps)
+    "fusion_seconds",  # the fusion's wall time, in the master's process
 )
 COLUMNS = FIXED_COLUMNS + EXTRA_COLUMNS
 ROUNDS_CSV = "rounds.csv"  # in the run directory
@@ -79,6 +82,9 @@ def round_row(
         "rejected": ";".join(
             f"{w}:{why}" for w, why in sorted({**outcome.rejected, **outcome.refused}.items())
         ),
+        "fusion": outcome.fusion.status,
+        "fusion_loss": _fmt(outcome.fusion.loss) if outcome.fusion.status else "",
+        "fusion_seconds": f"{outcome.fusion.seconds:.4f}" if outcome.fusion.status else "",
     }
 
 

@@ -189,6 +189,15 @@ class MasterState:
             self.weights = self.optimizer.commit(proposal)
         return StepResult(result.weights, weighting.name, refused)
 
+    def apply_fused(self, weights: Sequence[np.ndarray]) -> None:
+        """Replace the global model with fused weights (flq.master.fusion checked them; this
+        checks again, since nothing non-finite or misshapen may ever become the model)."""
+        fused = [np.array(w, dtype=np.float32) for w in weights]
+        if [w.shape for w in fused] != [w.shape for w in self.weights]:
+            raise ValueError("fused weights have other shapes than the global model")
+        check_finite(fused, "fused global model")
+        self.weights = fused
+
     # ------------------------------------------------------------ checkpoint
 
     def snapshot(self) -> dict[str, Any]:

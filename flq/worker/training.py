@@ -67,6 +67,7 @@ def build_trainer(
         shards_per_worker=data.shards_per_worker,
         seed=cfg.system.seed,
         test_fraction=data.test_fraction,
+        server_share=cfg.fusion.server_share,
     )
     from flq.learning.data import load_dataset
 

@@ -503,6 +503,7 @@ _CHECKED_STRINGS: dict[str, st.SearchStrategy[Any]] = {
     "api_key_env": st.from_regex(r"[A-Z_][A-Z0-9_]{0,11}", fullmatch=True),
     "base_url": st.sampled_from(["", "http://127.0.0.1:8080", "https://proxy.example/v1beta"]),
     "target_layers": st.sampled_from(["all_dense", "probs", "hidden,probs"]),
+    "student_layers": st.sampled_from(["probs", "fc,probs"]),
 }
 
 
@@ -544,7 +545,18 @@ def _consistent(data: dict[str, Any]) -> dict[str, Any]:
         **data,
         "system": {**data["system"], "min_workers": 1},
         "flq_algorithm": {**algo, "bbit_block": block},
+        "fusion": _consistent_fusion(data),
     }
+
+
+def _consistent_fusion(data: dict[str, Any]) -> dict[str, Any]:
+    fusion = dict(data["fusion"])
+    if data["dataset"]["name"] == "synthetic" or data["lora"]["rank"] > 0:
+        fusion["method"] = "none"
+    heads = fusion["attention_heads"]
+    fusion["attention_dim"] = heads * max(1, fusion["attention_dim"] // heads)
+    fusion["server_share"] = fusion["server_share"] or 0.1
+    return fusion
 
 
 VALID_CONFIG_DICTS = st.fixed_dictionaries(

@@ -1,4 +1,5 @@
-"""`flq status`, `flq stop`, `flq model pull`: the master's admin RPCs from a shell or a script.
+"""`flq status`, `flq stop`, `flq model pull`, `flq health`: the master's admin RPCs (and its
+health service) from a shell, a script or a container probe.
 
 Every command takes the master's address, the TLS files it needs (`--tls-ca`; `--tls-cert` and
 `--tls-key` when the master wants client certificates) and the admin token (`--admin-token-file`
@@ -258,6 +259,31 @@ def stop(
         raise AdminError(f"the master at {master} still answers after {wait_timeout:g}s")
     if gone:
         typer.echo("the master has stopped")
+
+
+# ---------------------------------------------------------------- health
+
+
+@handle_errors
+def health(
+    master: MasterOpt,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    timeout: TimeoutOpt = 5.0,
+) -> None:
+    """Ask the master's gRPC health service: exit 0 if it serves, 1 if not (a probe for
+    containers; kubelet's own gRPC probe speaks no TLS). Needs no admin token."""
+    from flq.security import channel_credentials, load_client_tls
+    from flq.worker.connection import master_serving
+
+    tls = load_client_tls(tls_ca, tls_cert, tls_key)
+    credentials = None if tls is None else channel_credentials(tls)
+    if asyncio.run(master_serving(master, credentials, timeout)):
+        typer.echo(f"the master at {master} is serving")
+        return
+    typer.echo(f"the master at {master} is not serving (unreachable, starting or stopping)")
+    raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------- model pull

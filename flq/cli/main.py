@@ -23,6 +23,7 @@ app.add_typer(config_app, name="config")
 # Admin RPCs (flq/cli/admin.py) and deployment secrets (flq/cli/certs.py over flq/certs.py).
 app.command("status")(admin.status)
 app.command("stop")(admin.stop)
+app.command("health")(admin.health)
 app.add_typer(admin.model_app, name="model")
 app.add_typer(certs.app, name="certs")
 

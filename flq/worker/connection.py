@@ -232,13 +232,15 @@ async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
         pass
 
 
-async def master_serving(address: str, credentials: grpc.ChannelCredentials | None) -> bool:
+async def master_serving(
+    address: str, credentials: grpc.ChannelCredentials | None, timeout_s: float = HEALTH_POLL_S
+) -> bool:
     """Whether the master at `address` answers its health check with SERVING. A fresh channel
     each time: a long-lived one would wait out grpc's own reconnect backoff (up to 120 s)."""
     channel = _channel(address, credentials)
     try:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=HEALTH_POLL_S
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s
         )
     except (grpc.aio.AioRpcError, asyncio.TimeoutError):
         return False

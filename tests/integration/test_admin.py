@@ -1,4 +1,4 @@
-"""`flq status`, `flq stop`, `flq model pull` against real master daemons on loopback.
+"""`flq status`, `flq stop`, `flq model pull`, `flq health` against real master daemons on loopback.
 
 In-process tests run the master (and synthetic workers) on an event loop in a background thread
 and drive the real `flq` CLI with typer's runner in the test's thread. The last test does what an
@@ -279,6 +279,35 @@ def test_status_over_mutual_tls(
     assert no_cert.exit_code == EXIT_UNREACHABLE  # mutual TLS: the handshake itself fails
     no_tls = flq("status", "--master", master.address, "--timeout", "3", *token)
     assert no_tls.exit_code == EXIT_UNREACHABLE
+
+
+# ---------------------------------------------------------------- health (container probes)
+
+
+def test_health_is_serving_over_mutual_tls_and_not_once_stopped(
+    masters: list[MasterThread], certs: Path, tmp_path: Path
+) -> None:
+    cfg = config(
+        **{
+            "security.tls_cert": str(certs / "server.pem"),
+            "security.tls_key": str(certs / "server.key"),
+            "security.tls_ca": str(certs / "ca.pem"),
+            "security.require_client_cert": True,
+        }
+    )
+    master = MasterThread(cfg, tmp_path / "run")
+    masters.append(master)
+    tls = ["--tls-ca", str(certs / "ca.pem")]
+    client = ["--tls-cert", str(certs / "admin.pem"), "--tls-key", str(certs / "admin.key")]
+
+    serving = flq("health", "--master", master.address, *tls, *client)
+    assert serving.exit_code == 0, serving.output
+    assert f"the master at {master.address} is serving" in serving.stdout
+    no_cert = flq("health", "--master", master.address, "--timeout", "2", *tls)
+    assert no_cert.exit_code == 1 and "not serving" in no_cert.stdout  # handshake refused
+    master.finish()
+    stopped = flq("health", "--master", master.address, "--timeout", "2", *tls, *client)
+    assert stopped.exit_code == 1, stopped.output
 
 
 # ---------------------------------------------------------------- stop

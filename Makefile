@@ -16,12 +16,13 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 .PHONY: help venv demo test lint format typecheck unit proto proto-check bench bench-codec \
         bench-accuracy bench-laq bench-update-error bench-compare bench-rounds bench-scale bench-rss bench-soak \
         bench-checkpoint \
-        bench-robust system-deps clean \
+        bench-robust system-deps clean test-containers container-deps \
         compat
 
 help:
 	@echo "make demo    run the main job (a local federation on 127.0.0.1)"
 	@echo "make test    lint + type checks + unit and integration tests"
+	@echo "make test-containers   build the images, run them and the k8s pods with podman (slow)"
 	@echo "make bench   benchmarks (not part of test); make proto: regenerate flq/pb"
 
 $(STAMP): pyproject.toml
@@ -76,6 +77,24 @@ format: $(STAMP)
 
 test: $(STAMP) $(PROTO_STAMP) system-deps lint typecheck
 	$(QUIET_ENV) FLQ_REQUIRE_ALL=1 FLQ_PROTO_PYTHON=$(PROTO_VENV)/bin/python $(BIN)/pytest $(PYTEST_ARGS)
+
+# The images of deploy/container built and run with podman, and the master and worker pods of
+# deploy/k8s played by `podman kube play` (tests/containers; docs/kubernetes.md). Slow: a Debian
+# base image from mmdebstrap, then tensorflow-cpu from PyPI into the image; podman keeps the
+# layers, so a second run with the same pyproject.toml rebuilds only FLQ's own layer. Root.
+CONTAINER_TOOLS := /usr/bin/podman:podman /usr/sbin/runc:runc /usr/bin/mmdebstrap:mmdebstrap
+container-deps:
+	@missing=""; for tool in $(CONTAINER_TOOLS); do \
+	  [ -x "$${tool%%:*}" ] || missing="$$missing $${tool#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null \
+	    || { echo "could not install$$missing (need root: sudo make test-containers)"; exit 1; }; \
+	fi
+
+test-containers: $(STAMP) container-deps
+	$(QUIET_ENV) FLQ_REQUIRE_ALL=1 $(BIN)/pytest -m containers tests/containers $(PYTEST_ARGS)
 
 # JetPack 6's line (not part of test): tensorflow-cpu 2.16.1 with protobuf 4.25 and gRPC 1.62,
 # the pins of jetson/requirements-jp6.txt, the project itself with --no-deps; then the unit and

@@ -29,10 +29,17 @@ def _system_deps_present() -> bool:
     return Path(DEFAULT_DIRS["fashion-mnist"]).is_dir()
 
 
+def _container_tools_present() -> bool:
+    import shutil
+
+    return all(shutil.which(tool) for tool in ("podman", "runc", "mmdebstrap"))
+
+
 # marker -> (is the resource here?, how to get it)
 RESOURCES: dict[str, tuple[Callable[[], bool], str]] = {
     "proto_venv": (_proto_venv_present, "run `make proto`"),
     "system_deps": (_system_deps_present, "run `sudo make system-deps`"),
+    "containers": (_container_tools_present, "run `sudo make test-containers`"),
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from flq.blas import limit_blas_threads
 from flq.config import Config
 from flq.link import LinkClosed, PayloadCache
 from flq.master.bookkeeper import RoundBookkeeper
@@ -68,6 +69,7 @@ async def simulate_async(
     trainers: Sequence[Trainer] | None = None,
     federation: Federation | None = None,
 ) -> SimResult:
+    limit_blas_threads()  # the workers and the master share this process's cores (flq.blas)
     fed = federation or build_federation(cfg)
     fed.engine.wait_for_every_offer()
     workers = list(trainers) if trainers is not None else build_trainers(cfg)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from flq.blas import limit_blas_threads
 from flq.cli.errors import handle_errors
 from flq.cli.options import (
     ConfigOpt,
@@ -24,6 +25,7 @@ app = typer.Typer(
 @app.callback()
 def main() -> None:
     """The FLQ master: coordinates rounds, aggregates, checkpoints and records results."""
+    limit_blas_threads()
 
 
 @app.command()

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from flq.blas import limit_blas_threads
 from flq.cli.errors import handle_errors
 from flq.cli.options import (
     ConfigOpt,
@@ -24,6 +25,7 @@ app = typer.Typer(
 @app.callback()
 def main() -> None:
     """The FLQ worker: trains on local data and sends quantized updates to the master."""
+    limit_blas_threads()
 
 
 @app.command()

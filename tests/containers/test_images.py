@@ -18,7 +18,6 @@ import csv
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -288,10 +287,12 @@ def podman_pods(
 ) -> tuple[list[dict[str, Any]], str]:
     """The rendered objects as podman 4.3 can play them, changed only where it must be:
     - StatefulSet and DaemonSet become one Pod each (their pod templates as rendered); the
-      volume claim template becomes a PersistentVolumeClaim (a podman volume);
+      volume claim template becomes a podman volume made beforehand, owned by the pod's
+      fsGroup as kubelet would make it (podman ignores fsGroup);
     - Secret volumes become host directories laid out as kubelet lays out a Secret;
-    - host network with a hosts entry for the master's Service name (no cluster DNS here), the
-      ports moved to free ones (other tests share this machine's loopback);
+    - host network, the ports moved to free ones (other tests share this machine's loopback);
+      no cluster DNS, and podman ignores hostAliases on the host network: the worker dials the
+      master as localhost, a name the master's certificate also carries;
     - the worker's node name (downward API spec.nodeName, which podman does not fill in) is
       given as the value it would have on a node called `node`, and $(FLQ_WORKER_ID) in its
       arguments expanded as kubelet expands it;
@@ -306,19 +307,12 @@ def podman_pods(
     service = by_kind["Service"]["metadata"]["name"]
     claim_name = f"state-{master['metadata']['name']}"
     claim = by_kind["StatefulSet"]["spec"]["volumeClaimTemplates"][0]
-    pvc = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": claim_name},
-        "spec": claim["spec"],
-    }
     master["spec"]["volumes"].append(
         {"name": claim["metadata"]["name"], "persistentVolumeClaim": {"claimName": claim_name}}
     )
     for pod, image in ((master, MASTER_IMAGE), (worker, WORKER_IMAGE)):
         spec = pod["spec"]
         spec["hostNetwork"] = True
-        spec["hostAliases"] = [{"ip": "127.0.0.1", "hostnames": [f"{service}.flq.svc"]}]
         spec.pop("nodeSelector", None)
         spec["containers"][0]["image"] = image
         for volume in spec["volumes"]:
@@ -333,12 +327,12 @@ def podman_pods(
             variable["value"] = node
     # kubelet expands $(NAME) in args from the container's variables; podman 4.3 does not
     values = {v["name"]: v["value"] for v in worker_container["env"] if "value" in v}
-    args = worker_container["args"]
+    args = [a.replace(f"{service}.flq.svc:", "localhost:") for a in worker_container["args"]]
     for name, value in values.items():
         args = [arg.replace(f"$({name})", value) for arg in args]
     assert not any("$(" in arg for arg in args), args
     worker_container["args"] = args
-    return [by_kind["ConfigMap"], pvc, master, worker], claim_name
+    return [by_kind["ConfigMap"], master, worker], claim_name
 
 
 def test_kube_play_runs_the_rendered_master_and_worker_pods_and_stops_gracefully(
@@ -399,6 +393,8 @@ def _play_and_stop(
     grace = master_pod["spec"]["terminationGracePeriodSeconds"]
     played = tmp_path / "pods.yaml"
     played.write_text(yaml.safe_dump_all(objects))
+    podman.run("volume", "create", claim)
+    os.chown(podman.mountpoint(claim), FLQ_UID, FLQ_UID)  # what fsGroup does on a cluster
     cleanup.extend([("volume", claim), ("pod", "flq-master-0"), ("pod", f"flq-worker-{node}")])
     podman.run("kube", "play", str(played), timeout=300)
 
@@ -423,4 +419,3 @@ def _play_and_stop(
     logs = podman.run("logs", master_container)
     events = [entry["event"] for entry in json_lines(logs.stdout + logs.stderr)]
     assert "master listening" in events and "master stopped" in events
-    assert shutil.which("podman")

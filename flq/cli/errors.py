@@ -9,6 +9,7 @@ from typing import ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from flq.errors import FlqError
 
@@ -29,7 +30,8 @@ def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
         except Exception as error:
             if not isinstance(error, FlqError):
                 raise
-            _stderr.print(f"[bold red]error:[/] {error}", soft_wrap=True)
+            # Escaped: messages quote config sections as [dataset], which rich reads as markup.
+            _stderr.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
             raise typer.Exit(error.exit_code) from None
 
     return wrapper

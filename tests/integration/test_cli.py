@@ -58,6 +58,19 @@ def test_config_check_warns_when_the_fleet_outgrows_one_llm_prompt(tmp_path: Pat
     assert 'features = { "traffic_mbps" = "uplink, Mbit/s" }' in shown.stdout
 
 
+def test_config_errors_name_the_section_as_written(tmp_path: Path) -> None:
+    # "[dataset]" in a message is rich markup unless escaped: it used to print as "section  ".
+    bad_key = tmp_path / "key.toml"
+    bad_key.write_text('[dataset]\nloadr = "data.py:load"\n')
+    result = flq("config", "check", str(bad_key))
+    assert result.returncode == 2
+    assert "unknown key 'loadr' in section [dataset]; did you mean 'loader'?" in result.stderr
+    bad_section = tmp_path / "section.toml"
+    bad_section.write_text("[datasets]\nname = 'digits'\n")
+    result = flq("config", "check", str(bad_section))
+    assert result.returncode == 2 and "unknown section [datasets]" in result.stderr
+
+
 def test_config_show_fills_in_defaults() -> None:
     result = flq("config", "show", str(EXAMPLES / "original-flq.json"))
     assert result.returncode == 0

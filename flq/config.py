@@ -126,6 +126,25 @@ def _non_empty(value: Any) -> str | None:
     return None if value else "must not be empty"
 
 
+def _plugin_problem(value: Any) -> str | None:
+    """A `module:function` or `path/to/file.py:function` spec, or empty (flq.learning.plugins)."""
+    if not value:
+        return None
+    target, colon, function = value.strip().rpartition(":")
+    if not (colon and target and function):
+        return "expected 'module:function' or 'path/to/file.py:function'"
+    return None
+
+
+WEIGHTS_SUFFIXES = (".keras", ".weights.h5", ".npz")
+
+
+def _weights_file_problem(value: Any) -> str | None:
+    if not value or value.lower().endswith(WEIGHTS_SUFFIXES):
+        return None
+    return f"expected a file ending in {', '.join(WEIGHTS_SUFFIXES)}"
+
+
 # ---------------------------------------------------------------- the sections (the table)
 
 
@@ -242,8 +261,29 @@ class DatasetConfig:
         metadata=rule(
             "digits (scikit-learn's bundled 8x8 digits), fashion-mnist and mnist (IDX or npz "
             "files), npz (your own arrays), synthetic (a numpy linear-regression problem with "
-            "no TensorFlow at all: for tests, scale runs and trying the protocol).",
+            "no TensorFlow at all: for tests, scale runs and trying the protocol). Unused when "
+            "loader is set.",
             original=True,
+        ),
+    )
+    loader: str = field(
+        default="",
+        metadata=rule(
+            "Your own data: 'module:function' or 'path/to/file.py:function' returning "
+            "((x_train, y_train), (x_test, y_test)) numpy arrays. Taking worker_index, it is "
+            "called load(worker_index=i, num_workers=n) for worker i's own share (the master "
+            "passes None for the test part); without it, it returns the full set and partition "
+            "splits it. Empty = the built-in set `name`.",
+            check=_plugin_problem,
+            allowed="empty or module:function",
+        ),
+    )
+    num_classes: int = field(
+        default=0,
+        metadata=rule(
+            "Classes of the labels; 0 = one more than the largest label the node sees (set it "
+            "when a worker's own share may lack the highest class).",
+            minimum=0,
         ),
     )
     batch_size: int = field(
@@ -280,12 +320,40 @@ class DatasetConfig:
         ),
     )
 
+    @property
+    def label(self) -> str:
+        """What logs and results call the data: the loader, else the built-in set."""
+        return self.loader or self.name
+
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The model and how each worker trains it locally."""
 
-    name: ModelName = field(default="mlp", metadata=rule("Model architecture."))
+    name: ModelName = field(
+        default="mlp", metadata=rule("Built-in model architecture; unused when builder is set.")
+    )
+    builder: str = field(
+        default="",
+        metadata=rule(
+            "Your own model: 'module:function' or 'path/to/file.py:function', called as "
+            "build() and returning an uncompiled keras.Model that outputs class probabilities "
+            "(FLQ adds the optimizer and loss). Every node needs it; workers whose model "
+            "differs from the master's are refused at their Hello. Empty = the built-in `name`.",
+            check=_plugin_problem,
+            allowed="empty or module:function",
+        ),
+    )
+    weights: str = field(
+        default="",
+        metadata=rule(
+            "Initial weights the master starts the global model from (.keras, .weights.h5, or "
+            ".npz of the weights in order, as `flq model pull` writes); workers get them with "
+            "the first round. Empty = the model's own initialisation (seeded).",
+            check=_weights_file_problem,
+            allowed="empty or a .keras / .weights.h5 / .npz file",
+        ),
+    )
     lr: float = field(default=0.05, metadata=rule("Client learning rate.", original=True, above=0))
     l2: float = field(
         default=0.0,
@@ -312,6 +380,11 @@ class ModelConfig:
     hidden_units: int = field(
         default=64, metadata=rule("Hidden layer width of the mlp model.", minimum=1)
     )
+
+    @property
+    def label(self) -> str:
+        """What logs and results call the model: the builder, else the built-in name."""
+        return self.builder or self.name
 
 
 @dataclass(frozen=True)
@@ -902,6 +975,13 @@ ALIASES = (
 )
 
 
+# Other spellings of a choice, stored as the choice: the original FLQ's own values.
+CHOICE_ALIASES: dict[tuple[str, str], dict[str, str]] = {
+    ("dataset", "name"): {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist"},
+    ("dataset", "partition"): {"non_iid": "dirichlet", "non-iid": "dirichlet"},
+}
+
+
 # ---------------------------------------------------------------- the table, read back
 
 
@@ -1092,10 +1172,13 @@ def _problem(rule: Rule, value: Any) -> str | None:
 
 def _choice(item: Setting, value: str, where: str) -> str:
     # Case-insensitive so the original files' "INFO" and "MNIST" load; stored canonical.
-    if value.lower() in item.choices:
-        return value.lower()
-    close = difflib.get_close_matches(value.lower(), item.choices, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    aliases = CHOICE_ALIASES.get((item.section, item.key), {})
+    spelled = aliases.get(value.lower(), value.lower())
+    if spelled in item.choices:
+        return spelled
+    # Aliases count as spellings: "fmnistt" is closest to "fmnist", which means fashion-mnist.
+    close = difflib.get_close_matches(spelled, [*item.choices, *aliases], n=1)
+    hint = f" (did you mean {aliases.get(close[0], close[0])!r}?)" if close else ""
     raise ConfigError(
         f"{where} = {_show(value)} is not a valid choice{hint}; "
         f"choose one of: {', '.join(item.choices)}"
@@ -1177,6 +1260,7 @@ def _cross_field_problems(cfg: Config) -> Iterator[str]:
             "needs b_up >= 2 (one bit leaves no level but 0); raise b_up or set bbit_block = 0"
         )
     yield from _fusion_problems(cfg)
+    yield from _user_code_problems(cfg)
     security = cfg.security
     if bool(security.tls_cert) != bool(security.tls_key):
         yield "security.tls_cert and security.tls_key must be set together"
@@ -1218,6 +1302,21 @@ def _fusion_problems(cfg: Config) -> Iterator[str]:
         )
     if cfg.lora.rank > 0:
         yield "fusion with lora.rank > 0 is not supported: fusion changes the whole model"
+
+
+def _user_code_problems(cfg: Config) -> Iterator[str]:
+    dataset, model = cfg.dataset, cfg.model
+    if dataset.loader and dataset.name == "synthetic":
+        yield (
+            f'dataset.loader = {_show(dataset.loader)} with dataset.name = "synthetic": the '
+            "synthetic problem brings its own data; drop one of them"
+        )
+    elif dataset.name == "synthetic" and (model.builder or model.weights):
+        key = "builder" if model.builder else "weights"
+        yield (
+            f'model.{key} with dataset.name = "synthetic": the synthetic problem has its own '
+            "linear model, not a Keras one; set dataset.loader or another dataset.name"
+        )
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
@@ -1374,7 +1473,9 @@ REFERENCE_END = "<!-- END GENERATED REFERENCE -->"
 
 def _allowed_text(item: Setting) -> str:
     if item.choices:
-        return ", ".join(f"`{choice}`" for choice in item.choices)
+        aliases = CHOICE_ALIASES.get((item.section, item.key), {})
+        also = "".join(f" (also `{alias}` = `{to}`)" for alias, to in aliases.items())
+        return ", ".join(f"`{choice}`" for choice in item.choices) + also
     if item.kind is bool:
         return "`true`, `false`"
     return _range_text(item.rule) or "any"

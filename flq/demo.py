@@ -277,7 +277,7 @@ def summarize(run_dir: Path, cfg: Config, seconds: float) -> DemoSummary:
         plot_curves(
             [load_curve(run_dir, cfg.flq_algorithm.mode)],
             run_dir / "plot.png",
-            title=f"flq demo: {cfg.dataset.name}, {cfg.flq_algorithm.mode}",
+            title=f"flq demo: {cfg.dataset.label}, {cfg.flq_algorithm.mode}",
         )
     except ImportError:
         pass  # matplotlib is optional ([plot] extra)

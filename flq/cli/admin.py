@@ -321,12 +321,13 @@ def write_keras(path: Path, status_reply: StatusReply, weights: list[Any]) -> No
         raise AdminError(
             "writing .keras needs TensorFlow here (pip install 'flq[worker]'); .npz needs nothing"
         )
-    from flq.learning.models import build_model
+    from flq.learning.models import ModelRecipe
     from flq.learning.trainer import as_model_weights
 
-    model = build_model(
-        info.name, tuple(info.input_shape), info.num_classes, hidden_units=info.hidden_units
-    )
+    # A user's model (model.builder) is rebuilt here from the same spec: run where it resolves.
+    builder = info.name if ":" in info.name else ""
+    recipe = ModelRecipe(name=info.name, builder=builder, hidden_units=info.hidden_units)
+    model = recipe.build(tuple(info.input_shape), info.num_classes)
     try:
         model.set_weights(as_model_weights(model, weights))
     except ValueError as error:

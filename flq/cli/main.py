@@ -58,7 +58,7 @@ def config_check(path: ConfigFile) -> None:
     cfg = load_config(path)
     typer.echo(
         f"{path}: ok (mode={cfg.flq_algorithm.mode}, workers={cfg.system.total_workers}, "
-        f"rounds={cfg.system.max_rounds}, dataset={cfg.dataset.name})"
+        f"rounds={cfg.system.max_rounds}, dataset={cfg.dataset.label})"
     )
     for warning in config_warnings(cfg):
         typer.echo(f"{path}: warning: {warning}", err=True)

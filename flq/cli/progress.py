@@ -49,7 +49,7 @@ def run_demo_with_progress(options: DemoOptions) -> DemoSummary:
     cfg = demo_config(options)
     console.print(
         f"[bold]flq demo[/]: {cfg.system.total_workers} workers, "
-        f"{cfg.system.max_rounds} rounds, {cfg.dataset.name}/{cfg.model.name}, "
+        f"{cfg.system.max_rounds} rounds, {cfg.dataset.label}/{cfg.model.label}, "
         f"mode {cfg.flq_algorithm.mode} (b_up {cfg.flq_algorithm.b_up}, "
         f"b_down {cfg.flq_algorithm.b_down}), lazy thr {cfg.lazy_selection.thr_scale}"
     )

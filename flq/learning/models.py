@@ -10,10 +10,20 @@ probs; logreg: probs) so `lora.target_layers` can name them.
 
 from __future__ import annotations
 
+import re
+import zipfile
 from collections.abc import Callable
-from typing import Any, Final
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
 
+import numpy as np
+
+from flq.errors import UsageError
 from flq.learning.tfimport import keras
+
+if TYPE_CHECKING:
+    from flq.config import Config
 
 MODELS: Final = ("logreg", "mlp", "cnn")
 CNN_MIN_SIDE: Final = 4  # two 2x2 poolings need at least 4x4 inputs
@@ -107,3 +117,104 @@ _HIDDEN_LAYERS: Final[dict[str, Callable[[Any, _LayerSeeds, int], list[Any]]]] =
     "mlp": _mlp_layers,
     "cnn": _cnn_layers,
 }
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """How every node builds the same model: a built-in `name`, or the user's `builder`
+    (flq/learning/plugins.py), then, if `weights` names a file, the weights from it."""
+
+    name: str = "mlp"
+    builder: str = ""  # "module:function" or "path/to/file.py:function"; wins over `name`
+    hidden_units: int = 64
+    seed: int = 0
+    weights: str = ""  # .keras, .weights.h5 or .npz
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, for_worker: bool = False) -> ModelRecipe:
+        """The model every node builds, from the `model` section. Workers leave out the initial
+        weights file (the first round brings them) unless LoRA keeps the base frozen on every
+        node: then the base is never sent and each worker loads it itself."""
+        model = cfg.model
+        weights = model.weights if not for_worker or cfg.lora.rank > 0 else ""
+        return cls(
+            name=model.name,
+            builder=model.builder,
+            hidden_units=model.hidden_units,
+            seed=cfg.system.seed,
+            weights=weights,
+        )
+
+    @property
+    def label(self) -> str:
+        """How results, logs and Status name the model."""
+        return self.builder or self.name
+
+    def build(self, input_shape: tuple[int, ...], num_classes: int) -> KerasModel:
+        """The model (input_shape and num_classes shape only a built-in one)."""
+        if self.builder:
+            from flq.learning.plugins import build_user_model
+
+            model = build_user_model(self.builder, seed=self.seed)
+        else:
+            model = build_model(
+                self.name,
+                input_shape,
+                num_classes,
+                hidden_units=self.hidden_units,
+                seed=self.seed,
+            )
+        if self.weights:
+            load_weights_file(model, self.weights)
+        return model
+
+
+def load_weights_file(model: KerasModel, path_text: str) -> None:
+    """Set the model's weights from a .keras / .weights.h5 file (Keras matches them to the
+    layers in order) or an .npz of arrays in `model.weights` order; WeightsError names the file
+    and the first mismatch."""
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"model.weights = {path_text!r}: {path} not found")
+    if path.suffix.lower() == ".npz":
+        arrays = _npz_weights(path)
+        expected = [tuple(w.shape) for w in model.weights]
+        if [a.shape for a in arrays] != expected:
+            raise WeightsError(
+                f"model.weights = {path_text!r}: {len(arrays)} arrays of shapes "
+                f"{[a.shape for a in arrays][:4]}... do not fit the model's {len(expected)} "
+                f"weights of shapes {expected[:4]}..."
+            )
+        model.set_weights([np.asarray(a, dtype=np.float32) for a in arrays])
+        return
+    try:
+        model.load_weights(str(path))
+    except (ValueError, OSError, KeyError) as error:
+        raise WeightsError(
+            f"model.weights = {path_text!r}: does not fit the model: {str(error)[:400]}"
+        ) from error
+
+
+class WeightsError(UsageError, ValueError):
+    """An initial weights file that is missing, unreadable or of another model."""
+
+
+_NPZ_WEIGHT_KEY = re.compile(r"^(?:weights/|arr_)(\d+)$")  # flq model pull's, and np.savez(*w)
+
+
+def _npz_weights(path: Path) -> list[np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            numbered = {}
+            for key in archive.files:
+                match = _NPZ_WEIGHT_KEY.match(key)
+                if match:
+                    numbered[int(match.group(1))] = archive[key]
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise WeightsError(f"model.weights = {str(path)!r}: cannot read ({error})") from error
+    if not numbered or sorted(numbered) != list(range(len(numbered))):
+        raise WeightsError(
+            f"model.weights = {str(path)!r}: expected arrays weights/0, weights/1, ... "
+            "(flq model pull) or arr_0, arr_1, ... (np.savez(path, *model.get_weights()))"
+        )
+    return [numbered[i] for i in range(len(numbered))]

@@ -31,6 +31,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from flq.learning.architecture import architecture_of
 from flq.learning.data import ArrayData, DatasetSpec
 from flq.learning.lora import (
     LoraSpec,
@@ -40,7 +41,8 @@ from flq.learning.lora import (
     penalised_variables,
     set_exchanged,
 )
-from flq.learning.models import KerasModel, build_model
+from flq.learning.models import KerasModel, ModelRecipe
+from flq.learning.plugins import PluginError
 from flq.learning.tfimport import keras, tf
 from flq.types import TrainResult, TrainSpec
 
@@ -53,7 +55,7 @@ _Step = Callable[[Any, Any], Any]
 class LocalTrainer:
     def __init__(
         self,
-        model_name: str,
+        model_name: str | ModelRecipe,
         spec: DatasetSpec,
         data: ArrayData,
         *,
@@ -72,13 +74,10 @@ class LocalTrainer:
                 "prefetch_size / num_parallel_calls: expected >= 0, or -1 for AUTOTUNE"
             )
         model_seed = seed if model_seed is None else model_seed
-        self._model = build_model(
-            model_name,
-            spec.input_shape,
-            spec.num_classes,
-            hidden_units=hidden_units,
-            seed=model_seed,
-        )
+        recipe = _recipe(model_name, hidden_units, model_seed)
+        self._model = recipe.build(spec.input_shape, spec.num_classes)
+        self.architecture = architecture_of(self._model)  # before LoRA: the model's own
+        _check_fits(self._model, spec, recipe)
         apply_lora(self._model, lora or LoraSpec(), seed=model_seed)
         self._initial = get_exchanged(self._model)
         self._data = _as_model_inputs(data)
@@ -210,7 +209,7 @@ class Evaluator:
 
     def __init__(
         self,
-        model_name: str,
+        model_name: str | ModelRecipe,
         spec: DatasetSpec,
         test: ArrayData,
         *,
@@ -223,9 +222,9 @@ class Evaluator:
         if batch_size < 1:
             raise ValueError(f"batch_size: got {batch_size}, expected >= 1")
         tf_ = tf()
-        self._model = build_model(
-            model_name, spec.input_shape, spec.num_classes, hidden_units=hidden_units, seed=seed
-        )
+        recipe = _recipe(model_name, hidden_units, seed)
+        self._model = recipe.build(spec.input_shape, spec.num_classes)
+        _check_fits(self._model, spec, recipe)
         apply_lora(self._model, lora or LoraSpec(), seed=seed)
         test = _as_model_inputs(test)
         self._num_samples = len(test)
@@ -258,6 +257,28 @@ class Evaluator:
             return loss_sum, tf_.reduce_sum(tf_.cast(hits, tf_.int64))
 
         return sums  # type: ignore[no-any-return]
+
+
+def _recipe(model: str | ModelRecipe, hidden_units: int, seed: int) -> ModelRecipe:
+    if isinstance(model, ModelRecipe):
+        return model
+    return ModelRecipe(name=model, hidden_units=hidden_units, seed=seed)
+
+
+def _check_fits(model: KerasModel, spec: DatasetSpec, recipe: ModelRecipe) -> None:
+    """The data's samples and labels fit the model (a user's builder fixes its own shapes)."""
+    takes = tuple(model.input_shape[1:]) if isinstance(model.input_shape, tuple) else None
+    if takes is not None and takes != tuple(spec.input_shape):
+        raise PluginError(
+            f"{recipe.label} takes samples of shape {takes}, but {spec.name} has "
+            f"{tuple(spec.input_shape)}: reshape them in the loader or change the model"
+        )
+    classes = model.output_shape[-1]
+    if isinstance(classes, int) and classes < spec.num_classes:
+        raise PluginError(
+            f"{recipe.label} outputs {classes} classes, but {spec.name} has labels up to "
+            f"{spec.num_classes - 1}"
+        )
 
 
 def as_model_weights(model: KerasModel, weights: Weights) -> Weights:

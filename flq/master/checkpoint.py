@@ -34,10 +34,10 @@ class CheckpointError(UsageError, RuntimeError):
 def run_identity(cfg: Config) -> dict[str, str]:
     """What fixes the shape and meaning of a checkpoint's state: written into every checkpoint
     and compared at --resume before the model is built (flq.master.startup)."""
-    identity: dict[str, str] = {"mode": cfg.flq_algorithm.mode, "dataset": cfg.dataset.name}
+    identity: dict[str, str] = {"mode": cfg.flq_algorithm.mode, "dataset": cfg.dataset.label}
     if cfg.dataset.name != "synthetic":  # its linear model ignores the model settings
-        identity |= {"model": cfg.model.name, "lora_rank": str(cfg.lora.rank)}
-        if cfg.model.name == "mlp":  # the only model hidden_units shapes
+        identity |= {"model": cfg.model.label, "lora_rank": str(cfg.lora.rank)}
+        if cfg.model.label == "mlp":  # the only model hidden_units shapes
             identity["hidden_units"] = str(cfg.model.hidden_units)
     return identity
 

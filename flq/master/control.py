@@ -153,8 +153,8 @@ class ControlPlane:
         cfg, fed = self.cfg, self.federation
         spec = None if fed is None else getattr(fed.evaluation, "spec", None)
         return ModelInfo(
-            name=cfg.model.name,
-            dataset=cfg.dataset.name,
+            name=cfg.model.label,
+            dataset=cfg.dataset.label,
             hidden_units=cfg.model.hidden_units,
             input_shape=() if spec is None else tuple(spec.input_shape),
             num_classes=0 if spec is None else spec.num_classes,

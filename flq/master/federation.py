@@ -84,24 +84,20 @@ class Evaluation:
     """The master's test split and a model to score the global weights on (TensorFlow)."""
 
     def __init__(self, cfg: Config) -> None:
-        from flq.learning.data import load_dataset
+        from flq.learning.architecture import architecture_of
         from flq.learning.lora import LoraSpec, apply_lora, get_exchanged, merge_layout
-        from flq.learning.models import build_model, count_parameters
+        from flq.learning.models import ModelRecipe, count_parameters
+        from flq.learning.sources import data_source, master_data
         from flq.learning.trainer import Evaluator
 
-        spec, _, test = load_dataset(
-            cfg.dataset.name,
-            cfg.dataset.data_dir,
-            test_fraction=cfg.dataset.test_fraction,
-            seed=cfg.system.seed,
+        spec, test = master_data(
+            data_source(cfg.dataset, cfg.system.seed),
+            cfg.dataset,
+            num_workers=cfg.system.total_workers,
         )
-        model = build_model(
-            cfg.model.name,
-            spec.input_shape,
-            spec.num_classes,
-            hidden_units=cfg.model.hidden_units,
-            seed=cfg.system.seed,
-        )
+        recipe = ModelRecipe.from_config(cfg)
+        model = recipe.build(spec.input_shape, spec.num_classes)  # from model.weights if set
+        self.architecture = architecture_of(model)  # what every worker's Hello must match
         self.parameters = count_parameters(model)  # the model itself, without LoRA adapters
         lora = LoraSpec.parse(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_layers)
         # With LoRA the federation's weights are the adapters only (flq/learning/lora.py).
@@ -110,10 +106,9 @@ class Evaluation:
         self._merge = merge_layout(model) if lora.enabled else None
         self.spec = spec  # input shape and classes: what `flq model pull` rebuilds a model from
         self.evaluator = Evaluator(
-            cfg.model.name,
+            recipe,  # with LoRA the frozen base comes from model.weights here too
             spec,
             test,
-            hidden_units=cfg.model.hidden_units,
             seed=cfg.system.seed,
             lora=lora,
         )

@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 
 from flq.config import Config
+from flq.learning.architecture import Architecture
+from flq.learning.lora import LoraSpec
+from flq.learning.models import ModelRecipe
 from flq.learning.trainer import LocalTrainer
 from flq.types import TrainResult, TrainSpec
 
@@ -22,6 +25,10 @@ class PartitionTrainer:
 
     trainer: LocalTrainer
     num_samples: int
+
+    @property
+    def architecture(self) -> Architecture:
+        return self.trainer.architecture
 
     def train(self, weights: list[np.ndarray], spec: TrainSpec) -> TrainResult:
         return self.trainer.train(weights, spec)
@@ -42,8 +49,8 @@ def build_trainer(
             raise ValueError("lora.rank > 0 needs a Keras model; dataset synthetic has none")
         return _synthetic_trainer(cfg, worker_id, partition_index), "cpu (synthetic)"
     from flq.learning.device import apply_device_caps
-    from flq.learning.lora import LoraSpec
-    from flq.learning.partition import load_worker_partition, worker_index
+    from flq.learning.partition import worker_index
+    from flq.learning.sources import data_source, worker_data
 
     caps = cfg.jetson_optimization
     report = apply_device_caps(
@@ -56,29 +63,18 @@ def build_trainer(
         if partition_index is None
         else partition_index
     )
-    data = cfg.dataset
-    part = load_worker_partition(
-        data.name,
-        data.data_dir,
-        num_workers=cfg.system.total_workers,
+    spec, part = worker_data(
+        data_source(cfg.dataset, cfg.system.seed),
+        cfg.dataset,
         index=index,
-        scheme=data.partition,
-        dir_alpha=data.dir_alpha,
-        shards_per_worker=data.shards_per_worker,
+        num_workers=cfg.system.total_workers,
         seed=cfg.system.seed,
-        test_fraction=data.test_fraction,
         server_share=cfg.fusion.server_share,
     )
-    from flq.learning.data import load_dataset
-
-    spec, _, _ = load_dataset(
-        data.name, data.data_dir, test_fraction=data.test_fraction, seed=cfg.system.seed
-    )
     trainer = LocalTrainer(
-        cfg.model.name,
+        ModelRecipe.from_config(cfg, for_worker=True),
         spec,
         part,
-        hidden_units=cfg.model.hidden_units,
         seed=cfg.system.seed + index,
         prefetch_size=caps.prefetch_size,
         num_parallel_calls=caps.num_parallel_calls,

@@ -504,6 +504,9 @@ _CHECKED_STRINGS: dict[str, st.SearchStrategy[Any]] = {
     "base_url": st.sampled_from(["", "http://127.0.0.1:8080", "https://proxy.example/v1beta"]),
     "target_layers": st.sampled_from(["all_dense", "probs", "hidden,probs"]),
     "student_layers": st.sampled_from(["probs", "fc,probs"]),
+    "loader": st.sampled_from(["", "my_data:load", "data/load.py:load"]),
+    "builder": st.sampled_from(["", "my_model:build", "models/net.py:build"]),
+    "weights": st.sampled_from(["", "base.keras", "init.weights.h5", "w.npz"]),
 }
 
 
@@ -541,6 +544,12 @@ def _consistent(data: dict[str, Any]) -> dict[str, Any]:
     """Settle the cross-field rules the per-key strategies cannot see."""
     algo = data["flq_algorithm"]
     block = algo["bbit_block"] if algo["b_up"] >= 2 else 0
+    if data["dataset"]["name"] == "synthetic":  # its own data and linear model
+        data = {
+            **data,
+            "dataset": {**data["dataset"], "loader": ""},
+            "model": {**data["model"], "builder": "", "weights": ""},
+        }
     return {
         **data,
         "system": {**data["system"], "min_workers": 1},

@@ -35,6 +35,11 @@ class ViolationCode(str, Enum):
     UNAVAILABLE = "UNAVAILABLE"  # the master is not accepting sessions now
 
 
+# Begins the reason of a Hello refused for its model; the worker's connection reads it as final
+# (retrying cannot change the model a board holds).
+MODEL_MISMATCH = "model architecture differs"
+
+
 class ProtocolViolation(Exception):
     """A peer broke the protocol; the session ends with a clear status and changes nothing."""
 

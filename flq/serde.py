@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import string
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -26,6 +27,7 @@ from flq.types import (
     Location,
     MasterMessage,
     ModelChunk,
+    ModelIdentity,
     ModelInfo,
     ResetReference,
     RoundConfig,
@@ -46,6 +48,8 @@ MAX_ID_BYTES = 128  # worker ids, in UTF-8 bytes
 SHOWN_CHARS = 32  # how much of a refused value a log line or status may echo
 MAX_FEATURES = 32  # Hello.features entries
 MAX_FEATURE_NAME = 64
+MAX_DIGEST_CHARS = 64  # Hello.model_digest: hex
+MAX_DESCRIPTION_CHARS = 256  # Hello.model_description
 SUPPORTED_DTYPES = frozenset({"float32"})
 
 
@@ -243,6 +247,8 @@ def hello_to_proto(msg: Hello) -> pb.Hello:
         upload_ref_version=msg.upload_ref_version,
         download_ref_version=msg.download_ref_version,
         features=dict(msg.features),
+        model_digest=msg.model.digest,
+        model_description=msg.model.description,
     )
 
 
@@ -270,7 +276,22 @@ def hello_from_proto(msg: pb.Hello) -> Hello:
         upload_ref_version=msg.upload_ref_version,
         download_ref_version=msg.download_ref_version,
         features=_features(msg.features),
+        model=_model_identity(msg.model_digest, msg.model_description),
     )
+
+
+def _model_identity(digest: str, description: str) -> ModelIdentity:
+    if len(digest) > MAX_DIGEST_CHARS or any(c not in string.hexdigits for c in digest):
+        raise WireError(
+            f"hello.model_digest: got {shown(digest)}, "
+            f"expected at most {MAX_DIGEST_CHARS} hex digits"
+        )
+    if len(description) > MAX_DESCRIPTION_CHARS or not description.isprintable():
+        raise WireError(
+            f"hello.model_description: got {shown(description)}, expected at most "
+            f"{MAX_DESCRIPTION_CHARS} printable characters"
+        )
+    return ModelIdentity(digest, description)
 
 
 def upload_offer_to_proto(msg: UploadOffer) -> pb.UploadOffer:

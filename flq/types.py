@@ -28,6 +28,7 @@ __all__ = [
     "Location",
     "MasterMessage",
     "ModelChunk",
+    "ModelIdentity",
     "ModelInfo",
     "ResetReference",
     "RoundConfig",
@@ -97,6 +98,18 @@ class RoundConfig:
 
 
 @dataclass(frozen=True)
+class ModelIdentity:
+    """A model's architecture (flq/learning/architecture.py): a hex digest and a short
+    description for messages. Empty: a model without a Keras form, not checked."""
+
+    digest: str = ""
+    description: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.digest} ({self.description})" if self.digest else "(none)"
+
+
+@dataclass(frozen=True)
 class Hello:
     worker_id: str
     protocol_version: int
@@ -107,6 +120,7 @@ class Hello:
     download_ref_version: int = 0
     # Optional traffic/usage numbers the board reports; an LLM weighting reads them.
     features: dict[str, float] = field(default_factory=dict)
+    model: ModelIdentity = field(default_factory=ModelIdentity)  # the master refuses another
 
 
 @dataclass(frozen=True)

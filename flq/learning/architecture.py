@@ -13,23 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from typing import Any, Final
 
+from flq.types import ModelIdentity
+
 DIGEST_HEX: Final = 16  # 64 bits: enough to tell models apart, short enough to read
-MAX_DESCRIPTION: Final = 200  # characters; it travels in Hello
+MAX_DESCRIPTION: Final = 200  # characters; it travels in Hello (serde allows 256)
 
 
-@dataclass(frozen=True)
-class Architecture:
-    digest: str  # hex
-    description: str  # e.g. "Sequential: Flatten, Dense, Dense; 4,810 parameters; (8, 8, 1) -> 10"
-
-    def __str__(self) -> str:
-        return f"{self.digest} ({self.description})"
-
-
-def architecture_of(model: Any) -> Architecture:
+def architecture_of(model: Any) -> ModelIdentity:
+    """e.g. 3f0c…, "Sequential: Flatten, Dense x2; 4,810 parameters; (8, 8, 1) -> 10"."""
     layers = [_layer_entry(layer) for layer in model.layers]
     shapes = [list(w.shape) for w in model.weights]
     inputs, outputs = _shape(model, "input_shape"), _shape(model, "output_shape")
@@ -43,7 +36,7 @@ def architecture_of(model: Any) -> Architecture:
     )
     if len(description) > MAX_DESCRIPTION:
         description = description[: MAX_DESCRIPTION - 1] + "…"
-    return Architecture(digest, description)
+    return ModelIdentity(digest, description)
 
 
 def _layer_entry(layer: Any) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from flq.types import (
     EvalResult,
     Heartbeat,
     MasterMessage,
+    ModelIdentity,
     ResetReference,
     RoundConfig,
     Shutdown,
@@ -66,6 +67,7 @@ class EngineSettings:
     participation: float = 1.0  # share of the connected workers invited to each round
     seed: int = 0  # with the round, seeds who is invited
     max_rounds: int = 0  # the run's length, for the weight advisor's view of progress
+    model: ModelIdentity | None = None  # the master's model; a Hello with another is refused
 
 
 class _Failure(Exception):
@@ -194,7 +196,7 @@ class RoundEngine:
             raise ProtocolViolation(
                 ViolationCode.DEADLINE_EXCEEDED, "no Hello within the hello timeout"
             ) from error
-        hello = check_hello(first.message, link.worker_id)
+        hello = check_hello(first.message, link.worker_id, self.settings.model)
         record, replaced = self.registry.attach(hello, link)
         if replaced is not None:
             await _close_quietly(

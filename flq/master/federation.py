@@ -8,7 +8,7 @@ it is starting.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -193,7 +193,9 @@ def build_federation(cfg: Config, evaluation: ModelEvaluation | None = None) -> 
     state = MasterState(evaluation.initial_weights, algorithm_settings_from(cfg))
     registry = Registry()
     fusion = build_fusion(cfg, evaluation.initial_weights)
-    engine = RoundEngine(state, registry, engine_settings_from(cfg), advisor_for(cfg), fusion)
+    # Workers whose model differs from this one are refused at their Hello.
+    settings = replace(engine_settings_from(cfg), model=getattr(evaluation, "architecture", None))
+    engine = RoundEngine(state, registry, settings, advisor_for(cfg), fusion)
     return Federation(cfg, state, registry, engine, evaluation)
 
 

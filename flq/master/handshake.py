@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import structlog
 
-from flq.link import ProtocolViolation, ViolationCode
+from flq.link import MODEL_MISMATCH, ProtocolViolation, ViolationCode
 from flq.master.registry import WorkerRecord
 from flq.master.state import MasterState
-from flq.types import PROTOCOL_VERSION, Hello, Welcome, WorkerMessage
+from flq.types import PROTOCOL_VERSION, Hello, ModelIdentity, Welcome, WorkerMessage
 
 log = structlog.get_logger("flq.master")
 
 
-def check_hello(message: WorkerMessage, session_worker_id: str) -> Hello:
+def check_hello(
+    message: WorkerMessage, session_worker_id: str, model: ModelIdentity | None = None
+) -> Hello:
     """The first message of a session as a Hello this master accepts; else ProtocolViolation.
-    `session_worker_id` is the id the call authenticated as ("" when the call carries none)."""
+    `session_worker_id` is the id the call authenticated as ("" when the call carries none);
+    `model` the master's own model (None or empty digest: not checked)."""
     if not isinstance(message, Hello):
         raise ProtocolViolation(
             ViolationCode.FAILED_PRECONDITION,
@@ -37,6 +40,14 @@ def check_hello(message: WorkerMessage, session_worker_id: str) -> Hello:
         raise ProtocolViolation(
             ViolationCode.UNIMPLEMENTED,
             f"protocol version {message.protocol_version}, master speaks {PROTOCOL_VERSION}",
+        )
+    theirs = message.model
+    if model is not None and model.digest and theirs.digest and theirs.digest != model.digest:
+        raise ProtocolViolation(
+            ViolationCode.FAILED_PRECONDITION,
+            f"{MODEL_MISMATCH}: worker {message.worker_id!r} holds {theirs}, the master holds "
+            f"{model}; give every node the same model settings (model.builder, or model.name "
+            "and hidden_units) and the same dataset.num_classes",
         )
     return message
 

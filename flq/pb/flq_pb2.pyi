@@ -129,7 +129,7 @@ class RoundConfig(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., b_up: _Optional[int] = ..., b_down: _Optional[int] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., l2: _Optional[float] = ..., prox_mu: _Optional[float] = ..., thr_scale: _Optional[float] = ..., lazy_d: _Optional[int] = ..., lazy_ck: _Optional[float] = ..., lazy_c: _Optional[int] = ..., warmup: _Optional[int] = ..., stochastic_rounding: bool = ..., error_feedback: bool = ..., deadline_ms: _Optional[int] = ..., optimizer: _Optional[str] = ..., bbit_block: _Optional[int] = ..., density: _Optional[float] = ..., gap_code: _Optional[str] = ..., sparse_scope: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("worker_id", "protocol_version", "num_samples", "device", "location", "upload_ref_version", "download_ref_version", "features")
+    __slots__ = ("worker_id", "protocol_version", "num_samples", "device", "location", "upload_ref_version", "download_ref_version", "features", "model_digest", "model_description")
     class FeaturesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,8 @@ class Hello(_message.Message):
     UPLOAD_REF_VERSION_FIELD_NUMBER: _ClassVar[int]
     DOWNLOAD_REF_VERSION_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     protocol_version: int
     num_samples: int
@@ -153,7 +155,9 @@ class Hello(_message.Message):
     upload_ref_version: int
     download_ref_version: int
     features: _containers.ScalarMap[str, float]
-    def __init__(self, worker_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., location: _Optional[_Union[Location, _Mapping]] = ..., upload_ref_version: _Optional[int] = ..., download_ref_version: _Optional[int] = ..., features: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    model_digest: str
+    model_description: str
+    def __init__(self, worker_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., location: _Optional[_Union[Location, _Mapping]] = ..., upload_ref_version: _Optional[int] = ..., download_ref_version: _Optional[int] = ..., features: _Optional[_Mapping[str, float]] = ..., model_digest: _Optional[str] = ..., model_description: _Optional[str] = ...) -> None: ...
 
 class UploadOffer(_message.Message):
     __slots__ = ("round", "wants_upload", "cost_bits", "energy", "clock", "forced", "train_loss", "num_samples")

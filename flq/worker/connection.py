@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from flq import serde
 from flq.errors import Refused
 from flq.grpc_options import CLIENT_OPTIONS, SERVICE_NAME
-from flq.link import LinkClosed, MasterLink, ReceivedByWorker
+from flq.link import MODEL_MISMATCH, LinkClosed, MasterLink, ReceivedByWorker
 from flq.pb import flq_pb2 as pb
 from flq.pb import flq_pb2_grpc as pb_grpc
 from flq.security import worker_metadata
@@ -69,7 +69,9 @@ class FatalConnectionError(Refused, RuntimeError):
 def final_error(code: grpc.StatusCode, details: str) -> FatalConnectionError | None:
     """The error that ends the worker for a call that ended with `code`; None if retrying may
     help."""
-    if code in FATAL_CODES:
+    if code in FATAL_CODES or (
+        code is grpc.StatusCode.FAILED_PRECONDITION and details.startswith(MODEL_MISMATCH)
+    ):
         return FatalConnectionError(f"{code.name}: {details}")
     if code is grpc.StatusCode.UNAVAILABLE and "handshake failed" in details.lower():
         return FatalConnectionError(

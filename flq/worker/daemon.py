@@ -20,7 +20,7 @@ from flq import __version__, notify
 from flq.config import Config
 from flq.metrics import MetricsServer, WorkerMetrics
 from flq.security import ClientTls, channel_credentials
-from flq.types import DeviceInfo, Location
+from flq.types import DeviceInfo, Location, ModelIdentity
 from flq.worker.connection import Backoff, run_connected
 from flq.worker.session import SessionOptions, SessionOutcome, WorkerState
 from flq.worker.tegrastats import export_board_stats
@@ -91,6 +91,7 @@ class WorkerDaemon:
             samples=trainer.num_samples,
             master=self.options.master,
             accelerator=accelerator,
+            model=str(getattr(trainer, "architecture", "")),
             tls=self.options.tls is not None,
             token=self.options.token is not None,
             metrics_port=None if self.metrics_server is None else self.metrics_server.port,
@@ -104,6 +105,7 @@ class WorkerDaemon:
             location=self.options.location,
             heartbeat_interval_s=self.options.heartbeat_interval_s,
             features=self.options.features,
+            model=getattr(trainer, "architecture", ModelIdentity()),  # none when synthetic
         )
         try:
             outcome = await run_connected(

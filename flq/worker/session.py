@@ -33,6 +33,7 @@ from flq.types import (
     Hello,
     Location,
     MasterMessage,
+    ModelIdentity,
     ResetReference,
     RoundConfig,
     RoundStart,
@@ -160,6 +161,7 @@ class SessionOptions:
     location: Location = field(default_factory=Location)
     heartbeat_interval_s: float = 5.0
     features: dict[str, float] = field(default_factory=dict)  # sent in Hello (LLM weighting)
+    model: ModelIdentity = field(default_factory=ModelIdentity)  # sent in Hello, checked there
 
 
 def train_spec_from(config: RoundConfig) -> TrainSpec:
@@ -226,6 +228,7 @@ class _Session:
                 upload_ref_version=self.state.upload_version,
                 download_ref_version=self.state.downlink.version,
                 features=self.options.features,
+                model=self.options.model,
             )
         )
         welcome = await self._recv()

@@ -12,11 +12,10 @@ from typing import Any
 import numpy as np
 
 from flq.config import Config
-from flq.learning.architecture import Architecture
 from flq.learning.lora import LoraSpec
 from flq.learning.models import ModelRecipe
 from flq.learning.trainer import LocalTrainer
-from flq.types import TrainResult, TrainSpec
+from flq.types import ModelIdentity, TrainResult, TrainSpec
 
 
 @dataclass
@@ -27,7 +26,7 @@ class PartitionTrainer:
     num_samples: int
 
     @property
-    def architecture(self) -> Architecture:
+    def architecture(self) -> ModelIdentity:
         return self.trainer.architecture
 
     def train(self, weights: list[np.ndarray], spec: TrainSpec) -> TrainResult:

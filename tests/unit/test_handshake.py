@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 
 from flq.codec import encode_float32
-from flq.link import ProtocolViolation, ViolationCode
+from flq.link import MODEL_MISMATCH, ProtocolViolation, ViolationCode
 from flq.master.handshake import check_hello, reconcile_references, welcome_for
 from flq.master.registry import Registry
 from flq.master.state import AlgorithmSettings, MasterState
 from flq.memlink import memory_link_pair
-from flq.types import PROTOCOL_VERSION, Heartbeat, Hello
-from flq.worker.connection import Backoff
+from flq.types import PROTOCOL_VERSION, Heartbeat, Hello, ModelIdentity
+from flq.worker.connection import Backoff, final_error
 
 SHAPES = [(4,), (2,)]
 
@@ -35,6 +36,25 @@ def test_the_hello_check_names_what_is_wrong() -> None:
         with pytest.raises(ProtocolViolation, match=text) as refused:
             check_hello(message, session_id)
         assert refused.value.code is code
+
+
+def test_a_worker_with_another_model_is_refused_naming_both_models() -> None:
+    master = ModelIdentity("aaaa000011112222", "Sequential: Flatten, Dense x2; 4,810 parameters")
+    same = Hello("w0", PROTOCOL_VERSION, 5, model=master)
+    assert check_hello(same, "", master) is same
+    other = ModelIdentity("bbbb333344445555", "Sequential: Conv2D, Dense; 9,034 parameters")
+    with pytest.raises(ProtocolViolation) as refused:
+        check_hello(Hello("w0", PROTOCOL_VERSION, 5, model=other), "", master)
+    assert refused.value.code is ViolationCode.FAILED_PRECONDITION
+    reason = refused.value.reason
+    assert reason.startswith(MODEL_MISMATCH) and "worker 'w0'" in reason
+    assert str(other) in reason and str(master) in reason
+    # A model without a Keras form (synthetic) on either side is not checked.
+    assert check_hello(Hello("w0", PROTOCOL_VERSION, 5), "", master).model.digest == ""
+    assert check_hello(Hello("w0", PROTOCOL_VERSION, 5, model=other), "", None).model == other
+    # The worker reads that refusal as final: its model will not change by retrying.
+    assert final_error(grpc.StatusCode.FAILED_PRECONDITION, reason) is not None
+    assert final_error(grpc.StatusCode.FAILED_PRECONDITION, "reference version 3") is None
 
 
 def test_a_worker_in_step_keeps_its_references() -> None:

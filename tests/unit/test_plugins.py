@@ -51,7 +51,7 @@ def test_a_file_loader_taking_worker_index_serves_each_worker_its_own_share(
     train, test = source.split(2, 5)
     assert len(train) == 12 and len(test) == 6
     # uint8 images are scaled as FLQ's own sets are; (n, 1) labels become (n,)
-    assert train.x.dtype == np.float32 and 0.0 <= train.x.min() and train.x.max() <= 1.0
+    assert train.x.dtype == np.float32 and train.x.min() >= 0.0 and train.x.max() <= 1.0
     assert test.y.shape == (6,) and test.y.dtype == np.int64
     # one module per file: the call went to the same module the second resolve sees
     module_calls = resolve_callable(f"{tmp_path / 'shares.py'}:load", "x").__globals__["calls"]
@@ -183,7 +183,7 @@ def test_only_a_builder_and_a_loader_make_a_valid_config() -> None:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        ({"dataset": {"loader": "load"}}, "dataset.loader = \"load\" is invalid: expected"),
+        ({"dataset": {"loader": "load"}}, 'dataset.loader = "load" is invalid: expected'),
         ({"model": {"weights": "base.h5"}}, "expected a file ending in .keras, .weights.h5, .npz"),
         (
             {"dataset": {"name": "synthetic", "loader": "d.py:load"}},
@@ -191,7 +191,7 @@ def test_only_a_builder_and_a_loader_make_a_valid_config() -> None:
         ),
         (
             {"dataset": {"name": "synthetic"}, "model": {"builder": "m.py:build"}},
-            "model.builder with dataset.name = \"synthetic\"",
+            'model.builder with dataset.name = "synthetic"',
         ),
     ],
 )

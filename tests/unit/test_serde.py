@@ -22,6 +22,7 @@ from flq.types import (
     Hello,
     Location,
     ModelChunk,
+    ModelIdentity,
     ResetReference,
     RoundConfig,
     RoundStart,
@@ -57,6 +58,7 @@ WORKER_MESSAGES = [
         upload_ref_version=7,
         download_ref_version=9,
         features={"traffic_mbps": 3.5, "battery": 0.25},
+        model=ModelIdentity("0123456789abcdef", "Sequential: Flatten, Dense x2; 4,810 parameters"),
     ),
     Hello(worker_id="w4", protocol_version=1, num_samples=0, location=Location(site="field")),
     UploadOffer(
@@ -275,6 +277,12 @@ def test_empty_oneof_is_refused() -> None:
                 hello=pb.Hello(worker_id="w", features={f"f{i}": 1.0 for i in range(33)})
             ),
             "features",
+        ),
+        (pb.WorkerMessage(hello=pb.Hello(worker_id="w", model_digest="xyz")), "model_digest"),
+        (pb.WorkerMessage(hello=pb.Hello(worker_id="w", model_digest="a" * 65)), "model_digest"),
+        (
+            pb.WorkerMessage(hello=pb.Hello(worker_id="w", model_description="d" * 257)),
+            "model_description",
         ),
         (pb.WorkerMessage(offer=pb.UploadOffer(energy=math.nan)), "offer.energy"),
         (pb.WorkerMessage(offer=pb.UploadOffer(energy=-1.0)), "offer.energy"),

@@ -1388,18 +1388,38 @@ def _read_text(path: Path) -> str:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
 
 
-def load_config(path: str | os.PathLike[str] | None) -> Config:
-    """Load a .toml or .json config file; None gives the defaults."""
-    if path is None:
-        return default_config()
-    file = Path(path)
+def _parsed_file(file: Path) -> Any:
     parse = _PARSERS.get(file.suffix.lower())
     if parse is None:
         raise ConfigError(
             f"{file}: unsupported config file type {file.suffix or '(no suffix)'!r}; "
             f"use {' or '.join(_PARSERS)}"
         )
-    return config_from_dict(parse(_read_text(file), str(file)), source=str(file))
+    return parse(_read_text(file), str(file))
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Load a .toml or .json config file; None gives the defaults."""
+    if path is None:
+        return default_config()
+    file = Path(path)
+    return config_from_dict(_parsed_file(file), source=str(file))
+
+
+def keys_set_in(path: str | os.PathLike[str]) -> set[str]:
+    """The "section.key"s a config file sets itself (an alias counts as the key it spells), so a
+    caller with defaults of its own (flq demo) overrides only the rest. Load the file first:
+    this assumes it is valid."""
+    data = _parsed_file(Path(path))
+    keys: set[str] = set()
+    for section, table in data.items():
+        if not isinstance(table, Mapping):
+            continue
+        aliases = _aliases_in(section)
+        for key in table:
+            if not _is_comment(key):
+                keys.add(f"{section}.{aliases[key].target if key in aliases else key}")
+    return keys
 
 
 # ---------------------------------------------------------------- out again

@@ -20,7 +20,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flq.config import Config, ConfigError, config_to_dict, dumps_toml, load_config, with_overrides
+from flq.config import (
+    Config,
+    ConfigError,
+    config_to_dict,
+    dumps_toml,
+    keys_set_in,
+    load_config,
+    with_overrides,
+)
 from flq.log import QUIET_ENV
 from flq.master.results import read_rounds
 
@@ -64,23 +72,25 @@ class DemoSummary:
     weights_sources: dict[str, int] = field(default_factory=dict)  # rounds per weights source
 
 
+# The demo's own training settings (a ~1 minute digits run): a --config file overrides only the
+# keys it sets itself, so a file with only [llm] still trains like the demo.
+DEMO_SETTINGS: dict[str, Any] = {
+    "model.local_steps": 0,
+    "model.local_epochs": 1,
+    "model.lr": 0.1,
+    "dataset.batch_size": 32,
+    "lazy_selection.warmup": 3,
+    "lazy_selection.C": 10,
+    "system.round_timeout_s": 60.0,
+    "system.connect_timeout_s": 120.0,
+}
+
+
 def demo_config(options: DemoOptions) -> Config:
-    """The base config (defaults tuned for a ~1 minute digits run) plus the user's options."""
+    """The demo's settings, the keys the --config file sets, then the user's options."""
     base = load_config(options.base_config)
-    overrides: dict[str, Any] = {}
-    if options.base_config is None:
-        overrides.update(
-            {
-                "model.local_steps": 0,
-                "model.local_epochs": 1,
-                "model.lr": 0.1,
-                "dataset.batch_size": 32,
-                "lazy_selection.warmup": 3,
-                "lazy_selection.C": 10,
-                "system.round_timeout_s": 60.0,
-                "system.connect_timeout_s": 120.0,
-            }
-        )
+    from_file = set() if options.base_config is None else keys_set_in(options.base_config)
+    overrides = {key: value for key, value in DEMO_SETTINGS.items() if key not in from_file}
     overrides.update(
         {
             "system.total_workers": options.workers,

@@ -1,6 +1,7 @@
 """In-memory transport: a pair of queues standing in for one gRPC stream.
 
-Used by `flq simulate` and the engine's unit tests. Messages stay domain objects, but each one's
+Used by `flq simulate` and the engine's unit tests (and inside each Ray actor of
+`flq simulate --ray`, flq/raysim.py). Messages stay domain objects, but each one's
 wire size is measured through serde exactly as the gRPC transport measures it, so bits and bytes
 in a simulation equal what the daemons would put on the wire.
 """
@@ -28,7 +29,7 @@ _session_numbers = itertools.count(1)
 
 
 @dataclass
-class _Pipe(Generic[T]):
+class Pipe(Generic[T]):
     """One direction: a queue plus a closed flag, so a late send fails instead of vanishing."""
 
     queue: asyncio.Queue[tuple[T | None, int]] = field(default_factory=asyncio.Queue)
@@ -55,6 +56,17 @@ class _Pipe(Generic[T]):
             raise LinkClosed("memory link closed")
         return item, size
 
+    def get_ready(self) -> list[tuple[T, int]]:
+        """The items queued now, without waiting (a batch to relay in one call)."""
+        ready: list[tuple[T, int]] = []
+        while not self.queue.empty():
+            item, size = self.queue.get_nowait()
+            if item is None:
+                self.queue.put_nowait((None, 0))  # the end stays for the next get()
+                break
+            ready.append((item, size))
+        return ready
+
 
 class MemoryWorkerLink:
     """The master's end."""
@@ -62,8 +74,8 @@ class MemoryWorkerLink:
     def __init__(
         self,
         worker_id: str,
-        to_worker: _Pipe[MasterMessage],
-        to_master: _Pipe[WorkerMessage],
+        to_worker: Pipe[MasterMessage],
+        to_master: Pipe[WorkerMessage],
         round_start_sizes: PayloadCache[int],
     ) -> None:
         self._worker_id = worker_id
@@ -109,7 +121,7 @@ class MemoryWorkerLink:
 class MemoryMasterLink:
     """The worker's end."""
 
-    def __init__(self, to_worker: _Pipe[MasterMessage], to_master: _Pipe[WorkerMessage]) -> None:
+    def __init__(self, to_worker: Pipe[MasterMessage], to_master: Pipe[WorkerMessage]) -> None:
         self._to_worker = to_worker
         self._to_master = to_master
 
@@ -137,8 +149,8 @@ def memory_link_pair(
 ) -> tuple[MemoryWorkerLink, MemoryMasterLink]:
     """Both ends of one in-memory session. Pass the links of one simulation the same
     `round_start_sizes` so that a round's payload is measured once, not once per worker."""
-    to_worker: _Pipe[MasterMessage] = _Pipe()
-    to_master: _Pipe[WorkerMessage] = _Pipe()
+    to_worker: Pipe[MasterMessage] = Pipe()
+    to_master: Pipe[WorkerMessage] = Pipe()
     sizes = round_start_sizes if round_start_sizes is not None else PayloadCache(wire_size)
     return (
         MemoryWorkerLink(worker_id, to_worker, to_master, sizes),

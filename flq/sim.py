@@ -3,6 +3,7 @@
 The workers run the same session code as `flq-worker` and talk to the same RoundEngine as
 `flq-master`; only the transport differs (flq.memlink instead of gRPC streams). Bits and bytes
 are measured the same way, so a simulation's results compare one to one with a real federation.
+With `ray_address` the workers are Ray actors instead (flq/raysim.py), the engine stays here.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from flq.blas import limit_blas_threads
 from flq.config import Config
-from flq.link import LinkClosed, PayloadCache
+from flq.link import LinkClosed, PayloadCache, WorkerLink
 from flq.master.bookkeeper import RoundBookkeeper
 from flq.master.driver import RoundDriver, RoundFinished, StopRules
 from flq.master.federation import Federation, build_federation
@@ -54,10 +55,19 @@ def simulate(
     on_round: RowCallback | None = None,
     trainers: Sequence[Trainer] | None = None,
     federation: Federation | None = None,
+    ray_address: str | None = None,
 ) -> SimResult:
-    """Run `cfg.system.max_rounds` rounds (or until the target accuracy) and return the totals."""
+    """Run `cfg.system.max_rounds` rounds (or until the target accuracy) and return the totals.
+    With `ray_address` ("auto" or host:port) the workers run as actors on that Ray cluster."""
     return asyncio.run(
-        simulate_async(cfg, run_dir, on_round=on_round, trainers=trainers, federation=federation)
+        simulate_async(
+            cfg,
+            run_dir,
+            on_round=on_round,
+            trainers=trainers,
+            federation=federation,
+            ray_address=ray_address,
+        )
     )
 
 
@@ -68,20 +78,23 @@ async def simulate_async(
     on_round: RowCallback | None = None,
     trainers: Sequence[Trainer] | None = None,
     federation: Federation | None = None,
+    ray_address: str | None = None,
 ) -> SimResult:
     limit_blas_threads()  # the workers and the master share this process's cores (flq.blas)
     fed = federation or build_federation(cfg)
     fed.engine.wait_for_every_offer()
-    workers = list(trainers) if trainers is not None else build_trainers(cfg)
+    workers = _simulated_workers(cfg, trainers, ray_address)
     books = RoundBookkeeper(fed, run_dir, checkpoints=False)
     rules = StopRules(max_rounds=cfg.system.max_rounds, target_accuracy=cfg.system.target_accuracy)
     driver = RoundDriver(fed.engine, books, rules, on_finish=_row_callback(on_round))
-    sessions = await _connect(fed, workers, cfg.system.seed)
     try:
+        for link in await workers.start():
+            await fed.engine.accept(link)
         await driver.run()
     finally:
         books.close()
-        await _disconnect(fed, sessions)
+        await _say_goodbye(fed)
+        await workers.stop()
         await fed.aclose()
     return SimResult(
         rounds=fed.state.round - 1,
@@ -94,29 +107,70 @@ async def simulate_async(
     )
 
 
+class SimulatedWorkers(Protocol):
+    """Where a simulation's workers run: in this process, or as actors on a Ray cluster."""
+
+    async def start(self) -> list[WorkerLink]:
+        """Start every worker's session; the master's end of each, in worker order."""
+        ...
+
+    async def stop(self) -> None:
+        """Wait briefly for the sessions to end (after the goodbye), then end the rest."""
+        ...
+
+
+def _simulated_workers(
+    cfg: Config, trainers: Sequence[Trainer] | None, ray_address: str | None
+) -> SimulatedWorkers:
+    if ray_address is None:
+        return InProcessWorkers(trainers if trainers is not None else build_trainers(cfg), cfg)
+    if trainers is not None:
+        raise ValueError("trainers are built inside the Ray actors: pass no trainers with --ray")
+    from flq.raysim import RayWorkers  # Ray is imported only when asked for
+
+    return RayWorkers(cfg, ray_address)
+
+
+# Heartbeats exist for real links that must stay warm; in memory they are noise.
+SESSION_OPTIONS = SessionOptions(heartbeat_interval_s=math.inf)
+GOODBYE_WAIT_S = 10.0  # how long sessions may take to end after the goodbye
+
+
+class InProcessWorkers:
+    """Every worker's session as a task of this event loop, over in-memory links."""
+
+    def __init__(self, trainers: Sequence[Trainer], cfg: Config) -> None:
+        self._trainers = list(trainers)
+        self._seed = cfg.system.seed
+        self._sessions: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> list[WorkerLink]:
+        links: list[WorkerLink] = []
+        round_start_sizes = PayloadCache(wire_size)  # each round's payload measured once
+        for index, trainer in enumerate(self._trainers):
+            state = WorkerState(f"w{index}", seed=self._seed)
+            master_end, worker_end = memory_link_pair(state.worker_id, round_start_sizes)
+            session = run_session(state, trainer, worker_end, SESSION_OPTIONS)
+            self._sessions.append(asyncio.create_task(session))
+            links.append(master_end)
+        return links
+
+    async def stop(self) -> None:
+        if not self._sessions:
+            return
+        _, pending = await asyncio.wait(self._sessions, timeout=GOODBYE_WAIT_S)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*self._sessions, return_exceptions=True)
+
+
 def _row_callback(on_round: RowCallback | None) -> RoundFinished | None:
     if on_round is None:
         return None
     return lambda _outcome, row: on_round(row)
 
 
-async def _connect(
-    fed: Federation, trainers: Sequence[Trainer], seed: int
-) -> list[asyncio.Task[Any]]:
-    # Heartbeats exist for real links that must stay warm; in memory they are noise.
-    options = SessionOptions(heartbeat_interval_s=math.inf)
-    sessions = []
-    round_start_sizes = PayloadCache(wire_size)  # each round's payload measured once
-    for index, trainer in enumerate(trainers):
-        worker_id = f"w{index}"
-        master_end, worker_end = memory_link_pair(worker_id, round_start_sizes)
-        state = WorkerState(worker_id, seed=seed)
-        sessions.append(asyncio.create_task(run_session(state, trainer, worker_end, options)))
-        await fed.engine.accept(master_end)
-    return sessions
-
-
-async def _disconnect(fed: Federation, sessions: list[asyncio.Task[Any]]) -> None:
+async def _say_goodbye(fed: Federation) -> None:
     goodbye = Shutdown(fed.state.round - 1, "simulation finished", reconnect=False)
     for record in fed.registry.connected():
         if record.link is not None:
@@ -124,7 +178,3 @@ async def _disconnect(fed: Federation, sessions: list[asyncio.Task[Any]]) -> Non
                 await record.link.send(goodbye)
             except LinkClosed:
                 pass
-    _, pending = await asyncio.wait(sessions, timeout=10.0)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*sessions, return_exceptions=True)

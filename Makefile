@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: help venv demo test lint format typecheck unit proto proto-check bench bench-codec \
+.PHONY: help venv demo test test-ray lint format typecheck unit proto proto-check bench bench-codec \
         bench-accuracy bench-laq bench-update-error bench-compare bench-rounds bench-scale bench-rss bench-soak \
         bench-checkpoint \
         bench-robust system-deps clean test-containers container-deps \
@@ -23,12 +23,13 @@ help:
 	@echo "make demo    run the main job (a local federation on 127.0.0.1)"
 	@echo "make test    lint + type checks + unit and integration tests"
 	@echo "make test-containers   build the images, run them and the k8s pods with podman (slow)"
+	@echo "make test-ray  simulate --ray against a local two-node Ray cluster (CI runs it too)"
 	@echo "make bench   benchmarks (not part of test); make proto: regenerate flq/pb"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[worker,llm,plot,dev]'
+	$(BIN)/pip install --quiet -e '.[worker,llm,plot,dev,ray]'
 	touch $@
 
 venv: $(STAMP)
@@ -95,6 +96,12 @@ container-deps:
 
 test-containers: $(STAMP) container-deps
 	$(QUIET_ENV) FLQ_REQUIRE_ALL=1 $(BIN)/pytest -m containers tests/containers $(PYTEST_ARGS)
+
+# `flq simulate --ray` against a real two-node Ray cluster on 127.0.0.1 (tests/raycluster.py).
+# Apart from `test` because Ray's start is slow on a small loaded machine: 1-2 min when idle,
+# several minutes under load (docs/benchmarks.md). CI runs both (.ci/run).
+test-ray: $(STAMP)
+	$(QUIET_ENV) $(BIN)/pytest -m ray_cluster tests/integration/test_ray_sim.py $(PYTEST_ARGS)
 
 # JetPack 6's line (not part of test): tensorflow-cpu 2.16.1 with protobuf 4.25 and gRPC 1.62,
 # the pins of jetson/requirements-jp6.txt, the project itself with --no-deps; then the unit and

@@ -933,6 +933,36 @@ class FusionConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """`flq simulate --ray`: what each simulated worker (one Ray actor) reserves on the cluster."""
+
+    num_cpus: float = field(
+        default=1.0,
+        metadata=rule(
+            "CPUs each simulated worker reserves (Ray's num_cpus); its TensorFlow thread pools "
+            "get as many threads, rounded up (0: reserve none, TensorFlow picks).",
+            minimum=0,
+        ),
+    )
+    num_gpus: float = field(
+        default=0.0,
+        metadata=rule(
+            "GPUs each simulated worker reserves (Ray's num_gpus; a fraction shares a GPU).",
+            minimum=0,
+        ),
+    )
+    start_timeout_s: float = field(
+        default=300.0,
+        metadata=rule(
+            "How long (s) the workers may take to be placed and built (data, model) before the "
+            "simulation gives up, naming those still pending (e.g. the cluster lacks the CPUs "
+            "or GPUs they reserve).",
+            above=0,
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole config: one frozen dataclass per section of the file."""
 
@@ -947,6 +977,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     llm: LlmConfig = field(default_factory=LlmConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
 

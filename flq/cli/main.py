@@ -146,15 +146,29 @@ def simulate(
         Path | None, typer.Option(help="Run directory (default: logging.result_dir).")
     ] = None,
     rounds: Annotated[int | None, typer.Option(min=1, help="Override system.max_rounds.")] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="auto|HOST:PORT",
+            help="Run the workers as actors on a Ray cluster (auto: the one `ray start` began "
+            "here, or $RAY_ADDRESS); reservations from the [ray] config. Needs flq[ray].",
+        ),
+    ] = None,
 ) -> None:
-    """Run the same round engine with in-memory workers in one process (sweeps, benchmarks)."""
+    """Run the same round engine with in-memory workers in one process (sweeps, benchmarks),
+    or with the workers spread over a Ray cluster (--ray)."""
     from flq.cli.progress import run_simulation_with_progress
     from flq.config import load_config, with_overrides
 
+    if ray is not None:
+        from flq.raysim import check_address  # the form only: Ray is imported when it runs
+
+        check_address(ray)
     cfg = load_config(config)
     if rounds is not None:
         cfg = with_overrides(cfg, {"system.max_rounds": rounds})
-    run_simulation_with_progress(cfg, out or Path(cfg.logging.result_dir))
+    run_simulation_with_progress(cfg, out or Path(cfg.logging.result_dir), ray_address=ray)
 
 
 @app.command()

@@ -96,7 +96,9 @@ def _print_summary(summary: DemoSummary) -> None:
     console.print(table)
 
 
-def run_simulation_with_progress(cfg: Config, run_dir: Path) -> None:
+def run_simulation_with_progress(
+    cfg: Config, run_dir: Path, ray_address: str | None = None
+) -> None:
     from flq.sim import simulate
 
     with _progress() as progress:
@@ -110,7 +112,7 @@ def run_simulation_with_progress(cfg: Config, run_dir: Path) -> None:
                 status=f"acc {float(str(row['accuracy'] or 'nan')):.3f}",
             )
 
-        result = simulate(cfg, run_dir, on_round=on_round)
+        result = simulate(cfg, run_dir, on_round=on_round, ray_address=ray_address)
     console.print(
         f"done: {result.rounds} rounds, accuracy {result.accuracy:.4f}, "
         f"uplink {result.uplink_bits:,d} bits, results in {run_dir}"

@@ -18,11 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 STARTED = "Ray runtime started"
+START_ATTEMPTS = 3
 STOP_WAIT_S = 60.0  # a node drains (up to 30 s with work in flight) before it exits
 
 
@@ -56,24 +57,47 @@ def _node_ports() -> list[str]:
 
 @contextmanager
 def local_ray_cluster(
-    nodes: int = 2, cpus_per_node: int = 1, start_timeout_s: float = 180.0
+    nodes: int = 2, cpus_per_node: int = 1, start_timeout_s: float = 180.0, worker_niceness: int = 0
 ) -> Iterator[str]:
     """A cluster of `nodes` nodes on this machine; yields the head's address (host:port).
-    Torn down on exit, also when starting it or the body failed."""
+    Its workers (the actors) run `worker_niceness` steps nicer than the process that started
+    it. Torn down on exit, also when starting it or the body failed."""
     temp_dir = tempfile.mkdtemp(prefix="flq-ray-")  # short: Ray's socket paths live under it
     env = {
         **os.environ,
         "RAY_USAGE_STATS_ENABLED": "0",
-        # Ray runs its workers 15 steps nicer than the node; under a loaded machine that starved
-        # the actors for minutes. They run at the niceness of whoever started the cluster.
-        "RAY_worker_niceness": "0",
+        # Ray runs its workers 15 steps nicer than the node by default; on a loaded machine
+        # that starved the actors for minutes.
+        "RAY_worker_niceness": str(worker_niceness),
         # The metrics exporter needs ray[default]; without it every node logs its absence.
         "RAY_enable_metrics_collection": "0",
     }
-    head_port, client_port, dashboard_port = free_ports(3)
-    address = f"127.0.0.1:{head_port}"
     common = ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus_per_node}", "--disable-usage-stats"]
-    head = [
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        head, address = _start_with_retries(
+            lambda: _head_args(temp_dir), common, Path(temp_dir) / "node0", env, start_timeout_s
+        )
+        started.append(head)
+        for index in range(1, nodes):
+            node, _ = _start_with_retries(
+                lambda: ([f"--address={address}"], address),
+                common,
+                Path(temp_dir) / f"node{index}",
+                env,
+                start_timeout_s,
+            )
+            started.append(node)
+        yield address
+    finally:
+        for process in reversed(started):
+            _stop_node(process)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _head_args(temp_dir: str) -> tuple[list[str], str]:
+    head_port, client_port, dashboard_port = free_ports(3)
+    args = [
         "--head",
         f"--port={head_port}",
         f"--ray-client-server-port={client_port}",
@@ -81,18 +105,30 @@ def local_ray_cluster(
         "--include-dashboard=false",
         f"--temp-dir={temp_dir}",
     ]
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        for index in range(nodes):
-            role = head if index == 0 else [f"--address={address}"]
-            log_path = Path(temp_dir) / f"node{index}.log"
-            started.append(_start_node([*role, *common, *_node_ports()], log_path, env))
-            _wait_started(started[-1], log_path, temp_dir, start_timeout_s)
-        yield address
-    finally:
-        for process in reversed(started):
+    return args, f"127.0.0.1:{head_port}"
+
+
+def _start_with_retries(
+    role: Callable[[], tuple[list[str], str]],
+    common: list[str],
+    log_stem: Path,
+    env: dict[str, str],
+    timeout_s: float,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A started node and the head's address. A start that fails (on a loaded machine the
+    raylet may give up on its agent) is cleaned up and tried again, with fresh ports."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        args, address = role()
+        log_path = log_stem.with_name(f"{log_stem.name}-{attempt}.log")
+        process = _start_node([*args, *common, *_node_ports()], log_path, env)
+        try:
+            _wait_started(process, log_path, str(log_stem.parent), timeout_s)
+            return process, address
+        except RuntimeError:
             _stop_node(process)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+            if attempt == START_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _start_node(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:

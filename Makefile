@@ -16,7 +16,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 .PHONY: help venv demo test test-ray lint format typecheck unit proto proto-check bench bench-codec \
         bench-accuracy bench-laq bench-update-error bench-compare bench-rounds bench-scale bench-rss bench-soak \
         bench-checkpoint \
-        bench-robust system-deps clean test-containers container-deps \
+        bench-robust bench-ray system-deps clean test-containers container-deps \
         compat
 
 help:
@@ -183,8 +183,12 @@ bench-robust: $(STAMP)
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_robust run
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_robust table
 
+# flq simulate in-process vs on a local two-node Ray cluster, 20-worker Fashion-MNIST CNN, ~15 min.
+bench-ray: $(STAMP) system-deps
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_ray --json docs/results/ray.json
+
 bench: bench-codec bench-compare bench-rounds bench-scale bench-checkpoint bench-rss bench-laq bench-update-error bench-accuracy \
-       bench-soak bench-robust
+       bench-soak bench-robust bench-ray
 
 clean:
 	rm -rf $(VENV) $(PROTO_VENV) $(BENCH_VENV) $(COMPAT_VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

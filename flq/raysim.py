@@ -58,11 +58,13 @@ class SimulatedWorker:
     the worker end of an in-memory link whose master end the driver reaches by actor calls."""
 
     def __init__(self, cfg: Config, index: int) -> None:
+        from flq.blas import limit_blas_threads
         from flq.log import configure_logging, quiet_third_party_env
         from flq.worker.session import WorkerState
         from flq.worker.training import build_trainer
 
         quiet_third_party_env()
+        limit_blas_threads()  # as a worker daemon does (Ray's OMP_NUM_THREADS, if set, wins)
         _limit_tensorflow_threads(cfg.ray.num_cpus)
         configure_logging("warning", "json")  # Ray forwards worker output to the driver
         self.worker_id = f"w{index}"

@@ -47,6 +47,9 @@ class DemoOptions:
     budget_bits: float = 0.0
     weighting: str = "samples"
     lora_rank: int = 0  # > 0: LoRA-only federation (adapters on every Dense layer)
+    # none | distill | param_attention (None: the base config's); without a teacher file of
+    # the user's, one is trained on the master's held-out share first (with_demo_fusion)
+    fusion: str | None = None
     out: Path | None = None
     base_config: Path | None = None
     timeout_s: float = 900.0
@@ -70,6 +73,7 @@ class DemoSummary:
     uplink_bytes_per_upload: float = 0.0
     full_model_uplink_bytes_per_upload: float = 0.0  # the whole model with the same codec
     weights_sources: dict[str, int] = field(default_factory=dict)  # rounds per weights source
+    fusion: dict[str, int] = field(default_factory=dict)  # rounds per fusion result (applied, ...)
 
 
 # The demo's own training settings (a ~1 minute digits run): a --config file overrides only the
@@ -109,6 +113,36 @@ def demo_config(options: DemoOptions) -> Config:
         }
     )
     return with_overrides(base, overrides)
+
+
+DEMO_SERVER_SHARE = 0.1  # the master's held-out share of the data, when the base config has none
+TEACHER_EPOCHS = 30  # digits: ~135 server samples, a second or two an epoch
+
+
+def with_demo_fusion(cfg: Config, method: str | None, run_dir: Path) -> Config:
+    """`cfg` with fusion `method` (None: as configured). Without a teacher file of the user's,
+    one is trained on the master's held-out share (flq.learning.teacher) into the run directory
+    and fusion.teacher points at it."""
+    method = method or cfg.fusion.method
+    if method == "none":
+        return with_overrides(cfg, {"fusion.method": "none"})
+    share = cfg.fusion.server_share or DEMO_SERVER_SHARE
+    teacher = cfg.fusion.teacher
+    if not teacher:
+        from flq.learning.teacher import train_teacher
+
+        teacher = str(run_dir / "teacher.keras")
+        train_teacher(
+            Path(teacher),
+            dataset=cfg.dataset.name,
+            data_dir=cfg.dataset.data_dir,
+            server_share=share,
+            seed=cfg.system.seed,
+            test_fraction=cfg.dataset.test_fraction,
+            epochs=TEACHER_EPOCHS,
+        )
+    overrides = {"fusion.method": method, "fusion.teacher": teacher, "fusion.server_share": share}
+    return with_overrides(cfg, overrides)
 
 
 def free_port() -> int:
@@ -215,6 +249,7 @@ def run_demo(
 ) -> DemoSummary:
     cfg = demo_config(options)
     run_dir = options.out or Path("results") / time.strftime("demo-%Y%m%d-%H%M%S")
+    cfg = with_demo_fusion(cfg, options.fusion, run_dir)
     cluster = DemoCluster(cfg, run_dir)
     started = time.monotonic()
     cluster.start()
@@ -278,6 +313,7 @@ def summarize(run_dir: Path, cfg: Config, seconds: float) -> DemoSummary:
             master_summary.get("full_model_uplink_bytes_per_upload", 0.0)
         ),
         weights_sources=dict(Counter(r.get("weights_source", "") for r in rows)),
+        fusion=dict(Counter(r["fusion"] for r in rows if r.get("fusion"))),
     )
     merged = {**master_summary, "demo": asdict(summary), "config": config_to_dict(cfg)}
     (run_dir / "summary.json").write_text(json.dumps(merged, indent=2) + "\n")

@@ -81,6 +81,7 @@ Mode = Literal["fedavg", "laq8", "bbit", "bin", "stc", "sti"]  # as flq.config.M
 Dataset = Literal["digits", "fashion-mnist", "mnist", "npz", "synthetic"]
 ModelName = Literal["logreg", "mlp", "cnn"]
 Weighting = Literal["samples", "uniform", "llm", "agreement"]
+FusionMethod = Literal["none", "distill", "param_attention"]  # as flq.config.FusionMethod
 
 
 @app.command()
@@ -108,6 +109,13 @@ def demo(
     lora_rank: Annotated[
         int, typer.Option(min=0, help="LoRA-only federation with this adapter rank (0 = off).")
     ] = 0,
+    fusion: Annotated[
+        FusionMethod | None,
+        typer.Option(
+            help="Knowledge fusion on the master (default: the base config's); without a "
+            "fusion.teacher file, a teacher is trained on the master's held-out share first."
+        ),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option(help="Base config file; options above override it.")
     ] = None,
@@ -132,6 +140,7 @@ def demo(
         budget_bits=budget,
         weighting=weighting,
         lora_rank=lora_rank,
+        fusion=fusion,
         out=out,
         base_config=config,
     )

@@ -89,6 +89,9 @@ def _print_summary(summary: DemoSummary) -> None:
     if set(summary.weights_sources) - {"samples", "uniform"}:
         sources = ", ".join(f"{k} {v}" for k, v in sorted(summary.weights_sources.items()))
         table.add_row("weights (rounds)", sources)
+    if summary.fusion:
+        results = ", ".join(f"{k} {v}" for k, v in sorted(summary.fusion.items()))
+        table.add_row("fusion (rounds)", results)
     table.add_row("skipped uploads", str(summary.skipped_uploads))
     table.add_row("failed worker-rounds", str(summary.failed))
     table.add_row("wall time", f"{summary.seconds:.1f} s")

@@ -16,7 +16,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 .PHONY: help venv demo test test-ray lint format typecheck unit proto proto-check bench bench-codec \
         bench-accuracy bench-laq bench-update-error bench-compare bench-rounds bench-scale bench-rss bench-soak \
         bench-checkpoint \
-        bench-robust bench-ray system-deps clean test-containers container-deps \
+        bench-robust bench-ray bench-fusion system-deps clean test-containers container-deps \
         compat
 
 help:
@@ -183,12 +183,18 @@ bench-robust: $(STAMP)
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_robust run
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_robust table
 
+# Knowledge fusion (issue 15): the teacher on the master's 10 %, then with / without fusion.
+bench-fusion: $(STAMP) system-deps
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_fusion teacher
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_accuracy run fusion-fmnist
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_fusion table --plot docs/img/fmnist-fusion.png
+
 # flq simulate in-process vs on a local two-node Ray cluster, 20-worker Fashion-MNIST CNN, ~15 min.
 bench-ray: $(STAMP) system-deps
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_ray --json docs/results/ray.json
 
 bench: bench-codec bench-compare bench-rounds bench-scale bench-checkpoint bench-rss bench-laq bench-update-error bench-accuracy \
-       bench-soak bench-robust bench-ray
+       bench-soak bench-robust bench-ray bench-fusion
 
 clean:
 	rm -rf $(VENV) $(PROTO_VENV) $(BENCH_VENV) $(COMPAT_VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -1,14 +1,14 @@
 """Knowledge fusion (issue 15): the teacher, and the table and figure of the fusion runs.
 
     python -m bench.bench_fusion teacher            # train the teacher on the master's 10 %
-    python -m bench.bench_accuracy run fmnist-fusion-none fmnist-fusion-distill fmnist-fusion-pa
+    python -m bench.bench_accuracy run fusion-fmnist-none fusion-fmnist-distill fusion-fmnist-pa
     python -m bench.bench_fusion table --plot docs/img/fmnist-fusion.png
 
 The teacher (flq/learning/teacher.py: a wider CNN, ~1.35M parameters) is trained on the same
 10 % share of the Fashion-MNIST training set the master fuses on (fusion.server_share, seed 42),
 which no worker holds in any of the runs. Its file stays out of git (results/fusion/); its report
 (test accuracy: the ceiling of what fusion can pass on) goes to
-docs/results/fmnist-fusion-teacher.json.
+docs/results/fusion-fmnist-teacher.json.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 from bench.bench_accuracy import RESULTS, evaluated_curve, machine, run_stats
 
 TEACHER = Path("results/fusion/teacher-fmnist.keras")
-TEACHER_REPORT = RESULTS / "fmnist-fusion-teacher.json"
-RUNS = ("fmnist-fusion-none", "fmnist-fusion-distill", "fmnist-fusion-pa")
+TEACHER_REPORT = RESULTS / "fusion-fmnist-teacher.json"
+RUNS = ("fusion-fmnist-none", "fusion-fmnist-distill", "fusion-fmnist-pa")
 SEED = 42
 SHARE = 0.1
 EPOCHS = 8

@@ -117,6 +117,7 @@ def demo_config(options: DemoOptions) -> Config:
 
 DEMO_SERVER_SHARE = 0.1  # the master's held-out share of the data, when the base config has none
 TEACHER_EPOCHS = 30  # digits: ~135 server samples, a second or two an epoch
+TEACHER_WIDTH = 16  # conv filters of its first block: plenty for 8x8 digits, quick to train
 
 
 def with_demo_fusion(cfg: Config, method: str | None, run_dir: Path) -> Config:
@@ -140,6 +141,7 @@ def with_demo_fusion(cfg: Config, method: str | None, run_dir: Path) -> Config:
             seed=cfg.system.seed,
             test_fraction=cfg.dataset.test_fraction,
             epochs=TEACHER_EPOCHS,
+            width=TEACHER_WIDTH,
         )
     overrides = {"fusion.method": method, "fusion.teacher": teacher, "fusion.server_share": share}
     return with_overrides(cfg, overrides)

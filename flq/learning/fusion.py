@@ -32,6 +32,7 @@ TensorFlow is imported inside the functions (flq.learning's rule).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -103,14 +104,37 @@ class Teacher:
         return np.concatenate(parts).astype(np.float32)
 
 
+KERAS_MAGIC: Final = (b"PK\x03\x04", b"\x89HDF\r\n\x1a\n")  # .keras is a zip; .h5 is HDF5
+
+
+def teacher_file_problem(path_text: str) -> str | None:
+    """What is wrong with a teacher file that can be told without TensorFlow, or None (the
+    master checks this at start-up, before it imports TensorFlow)."""
+    path = Path(path_text)
+    if not path.is_file():
+        return f"fusion.teacher: {path} does not exist or is not a file"
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+    except OSError as error:
+        return f"fusion.teacher: {path} cannot be read ({error.strerror or error})"
+    if not head.startswith(KERAS_MAGIC):
+        return f"fusion.teacher: {path} is not a Keras model file (neither .keras nor HDF5)"
+    return None
+
+
 def load_teacher(path_text: str, spec: DatasetSpec, probe: np.ndarray) -> Teacher:
     """Load the teacher once and check it fits the task: the dataset's input shape in, one score
     per class out, finite on real samples. Every failure is a FusionSetupError naming the file."""
     path = Path(path_text)
-    if not path.is_file():
-        raise FusionSetupError(f"fusion.teacher: {path} does not exist or is not a file")
+    problem = teacher_file_problem(path_text)
+    if problem is not None:
+        raise FusionSetupError(problem)
     try:
-        model = keras().saving.load_model(path, compile=False)
+        with warnings.catch_warnings():
+            # Keras' loader trips numpy 2's __array__(copy=...) DeprecationWarning (not ours).
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = keras().saving.load_model(path, compile=False)
     except Exception as error:  # keras raises ValueError, OSError, zip and h5 errors alike
         raise FusionSetupError(
             f"fusion.teacher: {path} is not a Keras model file Keras can load "

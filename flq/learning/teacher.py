@@ -9,6 +9,7 @@ Keras file for `fusion.teacher`. Users with their own teacher point `fusion.teac
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -99,7 +100,7 @@ def train_teacher(
     model.fit(server.x, server.y, batch_size=64, epochs=epochs, verbose=0, shuffle=True)
     seconds = time.perf_counter() - began
     out.parent.mkdir(parents=True, exist_ok=True)
-    model.save(out)
+    save_model(model, out)
     report = TeacherReport(
         path=str(out),
         dataset=dataset,
@@ -111,6 +112,13 @@ def train_teacher(
     )
     out.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
+
+
+def save_model(model: KerasModel, path: Path) -> None:
+    """model.save, without the DeprecationWarning Keras' saver trips in numpy 2 (not ours)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model.save(path)
 
 
 def _accuracy(model: KerasModel, data: ArrayData) -> float:

@@ -57,6 +57,19 @@ def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool) -> None:
         log.warning("removed temporaries of interrupted checkpoint writes", count=len(orphans))
     if resume:
         check_resumable(run_dir / CHECKPOINT_NAME, cfg)
+    check_fusion_teacher(cfg)
+
+
+def check_fusion_teacher(cfg: Config) -> None:
+    """A teacher file that is missing or no Keras file at all is reported now, not after
+    TensorFlow's start-up (its fit to the data is checked when the federation loads it)."""
+    if cfg.fusion.method == "none":
+        return
+    from flq.learning.fusion import teacher_file_problem  # no TensorFlow at import
+
+    problem = teacher_file_problem(cfg.fusion.teacher)
+    if problem is not None:
+        raise StartupError(problem)
 
 
 def check_writable(run_dir: Path) -> None:

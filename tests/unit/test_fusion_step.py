@@ -21,6 +21,7 @@ from flq.learning.data import ArrayData
 from flq.learning.partition import split_server_share
 from flq.master.federation import Federation, build_federation
 from flq.master.fusion import FusionSchedule, FusionStep, fused_problem
+from flq.master.startup import StartupError, check_fusion_teacher
 from flq.sim import simulate_async
 from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
 from flq.types import TrainResult, TrainSpec
@@ -202,3 +203,19 @@ def test_the_server_share_is_stratified_disjoint_and_no_worker_gets_it() -> None
     assert len(none) == 0 and len(everything) == 1000
     with pytest.raises(ValueError, match=r"server_share: got 1\.0"):
         split_server_share(train, 1.0, seed=5)
+
+
+def test_a_teacher_file_that_is_no_keras_file_is_refused_before_tensorflow(
+    tmp_path: Path,
+) -> None:
+    cfg = config_from_dict(
+        {"fusion": {"method": "distill", "teacher": str(tmp_path / "t.keras"), "server_share": 0.1}}
+    )
+    with pytest.raises(StartupError, match=r"t\.keras does not exist"):
+        check_fusion_teacher(cfg)
+    (tmp_path / "t.keras").write_text("weights, honestly")
+    with pytest.raises(StartupError, match=r"t\.keras is not a Keras model file"):
+        check_fusion_teacher(cfg)
+    (tmp_path / "t.keras").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(8))
+    check_fusion_teacher(cfg)  # HDF5: whether it fits is checked when the federation loads it
+    check_fusion_teacher(config_from_dict({}))  # no fusion, nothing to check

@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.bench_accuracy import RESULTS, evaluated_curve, machine, run_stats
+from bench.bench_accuracy import RESULTS, _sci, evaluated_curve, machine, run_stats
 
 TEACHER = Path("results/fusion/teacher-fmnist.keras")
 TEACHER_REPORT = RESULTS / "fusion-fmnist-teacher.json"
@@ -62,7 +62,7 @@ def table(run_dirs: list[Path], ceiling: float) -> str:
         applied, skipped, seconds = _fusion_seconds(run_dir)
         lines.append(
             f"| {s.name} | {s.rounds} | {s.best:.4f} | {s.final:.4f} | {s.round_to_80 or '—'} "
-            f"| {s.round_to_85 or '—'} | {s.up_bits_to_80 or 0:.3g} | {applied} / {skipped} "
+            f"| {s.round_to_85 or '—'} | {_sci(s.up_bits_to_80)} | {applied} / {skipped} "
             f"| {seconds:.2f} | {s.wall_s:.0f} |"
         )
     lines.append(f"| teacher (ceiling) | — | {ceiling:.4f} | {ceiling:.4f} | | | | | | |")

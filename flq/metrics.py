@@ -309,6 +309,15 @@ class WorkerMetrics:
             registry=r,
         )
         self.train_loss = Gauge("flq_worker_train_loss", "Last local training loss.", registry=r)
+        self.last_train_seconds = Gauge(
+            "flq_worker_last_train_seconds", "Wall time of the last round's training.", registry=r
+        )
+        self.train_seconds = Histogram(
+            "flq_worker_train_seconds",
+            "Wall time of each round's local training.",
+            buckets=ROUND_SECONDS_BUCKETS,
+            registry=r,
+        )
         self.sent_bytes = Counter(
             "flq_worker_sent_bytes", "Serialized bytes sent to the master.", registry=r
         )
@@ -321,6 +330,7 @@ class WorkerMetrics:
         for reason in ("lazy", "denied"):
             self.skips.labels(reason)
         self.train_loss.set(math.nan)
+        self.last_train_seconds.set(math.nan)
         self.board = BoardGauges(r)
         self._wanted_upload = False
         self._offered_bits = 0
@@ -332,6 +342,8 @@ class WorkerMetrics:
             self.rounds_trained.inc()
             self.round.set(message.round)
             self.train_loss.set(message.train_loss)
+            self.last_train_seconds.set(message.train_seconds)
+            self.train_seconds.observe(message.train_seconds)
             self._wanted_upload = message.wants_upload
             self._offered_bits = message.cost_bits
 

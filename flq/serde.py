@@ -304,6 +304,7 @@ def upload_offer_to_proto(msg: UploadOffer) -> pb.UploadOffer:
         forced=msg.forced,
         train_loss=msg.train_loss,
         num_samples=msg.num_samples,
+        train_seconds=msg.train_seconds,
     )
 
 
@@ -311,6 +312,9 @@ def upload_offer_from_proto(msg: pb.UploadOffer) -> UploadOffer:
     energy = _finite(msg.energy, "offer.energy")
     if energy < 0:
         raise WireError(f"offer.energy: got {energy}, expected >= 0")
+    train_seconds = _finite(msg.train_seconds, "offer.train_seconds")
+    if train_seconds < 0:
+        raise WireError(f"offer.train_seconds: got {train_seconds}, expected >= 0")
     return UploadOffer(
         round=msg.round,
         wants_upload=msg.wants_upload,
@@ -320,6 +324,7 @@ def upload_offer_from_proto(msg: pb.UploadOffer) -> UploadOffer:
         forced=msg.forced,
         train_loss=_finite(msg.train_loss, "offer.train_loss"),
         num_samples=msg.num_samples,
+        train_seconds=train_seconds,
     )
 
 

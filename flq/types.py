@@ -133,6 +133,7 @@ class UploadOffer:
     forced: bool
     train_loss: float = 0.0
     num_samples: int = 0
+    train_seconds: float = 0.0  # wall time of the round's local training
 
 
 @dataclass(frozen=True)

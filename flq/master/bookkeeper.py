@@ -102,6 +102,7 @@ class RoundBookkeeper:
             uplink_bits=row["uplink_bits"],
             wire_bytes=row["wire_bytes"],
             seconds=row["seconds"],
+            slowest_train_s=row["train_s_max"],
         )
         return row
 

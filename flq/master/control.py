@@ -42,6 +42,8 @@ class ControlPlane:
         self.stop_requested = asyncio.Event()
         self.federation: Federation | None = None
         self.books: RoundBookkeeper | None = None
+        self.attached = asyncio.Event()  # the federation is built (sessions held until then)
+        self.held_sessions = 0  # sessions waiting for it
         self.metrics = MasterMetrics(
             MasterSources(self.connected_count, lambda: self.state_name),
             up_budget_bits=cfg.budget_selection.up_budget_bits,
@@ -49,12 +51,14 @@ class ControlPlane:
 
     def attach(self, federation: Federation, books: RoundBookkeeper) -> None:
         self.federation, self.books = federation, books
+        self.attached.set()
 
     # ------------------------------------------------------------ MasterControl (servicer)
 
     async def serve_session(self, link: SessionLink) -> None:
-        """A worker's session, from handshake to the end of its link."""
-        fed = self.federation
+        """A worker's session, from handshake to the end of its link. One that arrives while
+        the federation loads waits for it (its Hello stays unread); a stop ends the wait."""
+        fed = await self._federation_or_stop()
         if fed is None or self.stop_requested.is_set():
             raise ProtocolViolation(
                 ViolationCode.UNAVAILABLE, "master is not accepting workers now"
@@ -65,6 +69,20 @@ class ControlPlane:
         finally:
             fed.registry.detach(link)
             log.info("worker disconnected", worker=record.worker_id, session=link.session_id)
+
+    async def _federation_or_stop(self) -> Federation | None:
+        if self.federation is not None:
+            return self.federation
+        self.held_sessions += 1
+        built = asyncio.ensure_future(self.attached.wait())
+        stopped = asyncio.ensure_future(self.stop_requested.wait())
+        try:
+            await asyncio.wait({built, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.held_sessions -= 1
+            built.cancel()
+            stopped.cancel()
+        return self.federation
 
     def status(self) -> StatusReply:
         fed, books = self.federation, self.books

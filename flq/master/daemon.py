@@ -69,7 +69,8 @@ class MasterDaemon:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._started = time.time()
-        self.ready = asyncio.Event()
+        self.listening = asyncio.Event()  # the port serves health and accepts sessions
+        self.ready = asyncio.Event()  # ... and the federation is built: rounds may start
         self._security: MasterSecurity | None = None
         self.metrics_server: MetricsServer | None = None
 
@@ -92,26 +93,41 @@ class MasterDaemon:
         self._security = load_master_security(self.cfg.security)  # bad files fail fast
         prepare_run_dir(self.run_dir, self.cfg, resume=self.options.resume)
         self._server = self._bind_server(self._security)  # a taken port too, before TF loads
-        federation = await asyncio.to_thread(self.options.federation_factory, self.cfg)
-        books = RoundBookkeeper(
-            federation,
-            self.run_dir,
-            resume=self.options.resume,
-            checkpoint_every=self.cfg.system.checkpoint_every,
-        )
-        self.control.attach(federation, books)
-        await self._start_server()
-        driver = self._driver(federation, books)
+        driver: RoundDriver | None = None
         try:
+            # Listen first: health answers (NOT_SERVING) and sessions are accepted, held at
+            # their Hello, while the federation — TensorFlow, the model, the test split —
+            # loads in a thread (15-50 s on a loaded board).
+            await self._start_server()
+            federation = await self._load_federation()
+            books = RoundBookkeeper(
+                federation,
+                self.run_dir,
+                resume=self.options.resume,
+                checkpoint_every=self.cfg.system.checkpoint_every,
+            )
+            # Rounds (and so evaluations) start only from here: the driver is built on a
+            # whole federation, its evaluator loaded, never on a half-built one.
+            self.control.attach(federation, books)
+            await self._serve()
+            driver = self._driver(federation, books)
             await driver.run()
         except asyncio.CancelledError:
             if not self.forced:
                 raise
             log.warning("forced exit: the current round is abandoned")
         finally:
-            self.control.state_name = "finished" if driver.finished else "stopping"
+            finished = driver is not None and driver.finished
+            self.control.state_name = "finished" if finished else "stopping"
             await self._shutdown()
             await notify.stop_watchdog(watchdog)
+
+    async def _load_federation(self) -> Federation:
+        began = time.monotonic()
+        log.info("loading the model and the evaluator", dataset=self.cfg.dataset.name)
+        federation = await asyncio.to_thread(self.options.federation_factory, self.cfg)
+        log.info("model loaded", seconds=round(time.monotonic() - began, 2))
+        return federation
 
     def _driver(self, federation: Federation, books: RoundBookkeeper) -> RoundDriver:
         system = self.cfg.system
@@ -163,13 +179,14 @@ class MasterDaemon:
         return server
 
     async def _start_server(self) -> None:
+        """Serve from now on: health NOT_SERVING until the federation is ready (workers
+        waiting to reconnect poll it), sessions held at their Hello (ControlPlane)."""
         assert self._server is not None and self._security is not None
         security, host = self._security, self.options.host or self.cfg.system.master_host
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
         self._start_metrics()
-        for service in ("", SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self.control.state_name = "waiting"
         log.info(
             "master listening",
             address=f"{host}:{self.port}",
@@ -178,8 +195,17 @@ class MasterDaemon:
             tls=security.tls is not None,
             metrics_port=None if self.metrics_server is None else self.metrics_server.port,
         )
-        self.ready.set()
+        self.listening.set()
         notify.ready(f"listening on {host}:{self.port}")
+
+    async def _serve(self) -> None:
+        """The federation is built: health SERVING, held sessions go on to their Welcome."""
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.control.state_name = "waiting"
+        log.info("master serving", workers_waiting=self.control.held_sessions)
+        self.ready.set()
+        notify.status("serving: waiting for workers")
 
     def _start_metrics(self) -> None:
         if self.options.metrics_port is not None:

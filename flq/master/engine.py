@@ -348,6 +348,7 @@ class RoundEngine:
         outcome.downlink_bits += part.downlink_bits
         if part.offer is not None:
             outcome.train_losses[worker] = part.offer.train_loss
+            outcome.train_seconds[worker] = part.offer.train_seconds
             if not part.in_time:
                 outcome.denied[worker] = "late"
         error = None if task.cancelled() else task.exception()

@@ -23,6 +23,7 @@ class RoundOutcome:
     refused: dict[str, str] = field(default_factory=dict)  # worker -> why its upload was refused
     upload_bits: dict[str, int] = field(default_factory=dict)  # worker -> bits it uploaded
     train_losses: dict[str, float] = field(default_factory=dict)  # worker -> loss it offered
+    train_seconds: dict[str, float] = field(default_factory=dict)  # worker -> its training time
     uplink_bits: int = 0
     downlink_bits: int = 0
     wire_bytes: int = 0

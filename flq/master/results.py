@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import statistics
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ EXTRA_COLUMNS = (
     "fusion",  # [fusion]: applied, skipped:<reason>, or empty when no fusion was due
     "fusion_loss",  # the fusion's server-side loss (mean over its steps)
     "fusion_seconds",  # the fusion's wall time, in the master's process
+    "train_s_median",  # the median of the workers' local training times this round (offers)
+    "train_s_max",  # the slowest worker's local training time ...
+    "slowest",  # ... and who it was
 )
 COLUMNS = FIXED_COLUMNS + EXTRA_COLUMNS
 ROUNDS_CSV = "rounds.csv"  # in the run directory
@@ -85,6 +89,19 @@ def round_row(
         "fusion": outcome.fusion.status,
         "fusion_loss": _fmt(outcome.fusion.loss) if outcome.fusion.status else "",
         "fusion_seconds": f"{outcome.fusion.seconds:.4f}" if outcome.fusion.status else "",
+        **_training_times(outcome.train_seconds),
+    }
+
+
+def _training_times(seconds: Mapping[str, float]) -> dict[str, str]:
+    """The round's median and slowest local training time (from the offers), and who."""
+    if not seconds:
+        return {"train_s_median": "nan", "train_s_max": "nan", "slowest": ""}
+    slowest = max(sorted(seconds), key=lambda w: seconds[w])
+    return {
+        "train_s_median": f"{statistics.median(seconds.values()):.4f}",
+        "train_s_max": f"{seconds[slowest]:.4f}",
+        "slowest": slowest,
     }
 
 

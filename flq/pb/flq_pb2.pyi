@@ -160,7 +160,7 @@ class Hello(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., location: _Optional[_Union[Location, _Mapping]] = ..., upload_ref_version: _Optional[int] = ..., download_ref_version: _Optional[int] = ..., features: _Optional[_Mapping[str, float]] = ..., model_digest: _Optional[str] = ..., model_description: _Optional[str] = ...) -> None: ...
 
 class UploadOffer(_message.Message):
-    __slots__ = ("round", "wants_upload", "cost_bits", "energy", "clock", "forced", "train_loss", "num_samples")
+    __slots__ = ("round", "wants_upload", "cost_bits", "energy", "clock", "forced", "train_loss", "num_samples", "train_seconds")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     WANTS_UPLOAD_FIELD_NUMBER: _ClassVar[int]
     COST_BITS_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,7 @@ class UploadOffer(_message.Message):
     FORCED_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     round: int
     wants_upload: bool
     cost_bits: int
@@ -177,7 +178,8 @@ class UploadOffer(_message.Message):
     forced: bool
     train_loss: float
     num_samples: int
-    def __init__(self, round: _Optional[int] = ..., wants_upload: bool = ..., cost_bits: _Optional[int] = ..., energy: _Optional[float] = ..., clock: _Optional[int] = ..., forced: bool = ..., train_loss: _Optional[float] = ..., num_samples: _Optional[int] = ...) -> None: ...
+    train_seconds: float
+    def __init__(self, round: _Optional[int] = ..., wants_upload: bool = ..., cost_bits: _Optional[int] = ..., energy: _Optional[float] = ..., clock: _Optional[int] = ..., forced: bool = ..., train_loss: _Optional[float] = ..., num_samples: _Optional[int] = ..., train_seconds: _Optional[float] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("round", "upload_ref_version", "tensors")

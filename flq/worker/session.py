@@ -320,7 +320,11 @@ class _Session:
             weights = self.state.downlink.apply(encoded, is_keyframe, start.download_ref_version)
         except (CodecError, ValueError) as error:
             raise ProtocolError(f"round {round_id}: cannot apply downlink: {error}") from error
+        began = time.monotonic()
         result = await self._train(weights, config)
+        # The trainer's own clock when it keeps one: it leaves out the wait for this event loop
+        # (busy with other sessions in a simulation), which is not the board's training time.
+        train_seconds = result.seconds if result.seconds > 0 else time.monotonic() - began
         reference = self._reference_for(weights, config)
         reference.observe_scalar(start.lazy_scalar)
         # Rounds count from 1; the lazy rule's warm-up counts from 0.
@@ -335,7 +339,15 @@ class _Session:
                 forced=prepared.forced,
                 train_loss=result.loss,
                 num_samples=self.trainer.num_samples,
+                train_seconds=train_seconds,
             )
+        )
+        log.info(
+            "trained",
+            seconds=round(train_seconds, 3),
+            steps=result.steps,
+            loss=round(result.loss, 6),
+            wants_upload=prepared.wants_upload,
         )
         decision = await self._await_decision(round_id)
         if decision is None:

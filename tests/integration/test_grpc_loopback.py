@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,16 @@ from flq.admin import AdminTarget, admin_client
 from flq.codec import decode
 from flq.config import Config
 from flq.grpc_options import CLIENT_OPTIONS
-from flq.master.daemon import MasterDaemon
+from flq.master.daemon import MasterDaemon, MasterOptions
+from flq.master.federation import build_federation
 from flq.master.results import read_rounds
 from flq.pb import flq_pb2 as pb
 from flq.pb import flq_pb2_grpc as pb_grpc
-from flq.synthetic import SyntheticProblem, SyntheticTrainer
+from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
 from flq.types import PROTOCOL_VERSION, StatusReply
 from tests.configs import small_config
 from tests.loopback import connect_workers, final_status, start_synthetic_master
+from tests.waits import until
 
 PROBLEM = SyntheticProblem(dim=40, samples_per_worker=64, seed=5)
 
@@ -249,3 +252,44 @@ async def _refusal(call: Any) -> tuple[grpc.StatusCode, str]:
         async for _ in call:
             pass
     return refused.value.code(), refused.value.details() or ""
+
+
+def test_the_master_serves_health_and_holds_sessions_while_its_model_loads(
+    tmp_path: Path,
+) -> None:
+    """The port answers before the federation exists: health NOT_SERVING, Status "starting",
+    a worker's session accepted and held at its Hello. Once the model is built: SERVING, the
+    held worker is welcomed and rounds run (never before: no round without its evaluator)."""
+    cfg = make_config(**{"system.total_workers": 1, "system.min_workers": 1})
+    loaded = threading.Event()
+
+    def slow_factory(c: Config) -> Any:
+        assert loaded.wait(30), "the test never let the model load"
+        return build_federation(c, SyntheticEvaluation(PROBLEM))
+
+    async def health(port: int) -> Any:
+        async with await _channel(port) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="flq.v1.FLQ")
+            )
+            return reply.status
+
+    async def scenario() -> tuple[list[Any], list[str]]:
+        options = MasterOptions(run_dir=tmp_path, port=0, federation_factory=slow_factory)
+        daemon = MasterDaemon(cfg, options)
+        master = asyncio.create_task(daemon.run())
+        await asyncio.wait_for(daemon.listening.wait(), 30)
+        stop = asyncio.Event()
+        workers = await start_workers(daemon.port, 1, stop)
+        await asyncio.wait_for(until(lambda: daemon.control.held_sessions == 1), 10)
+        during = [await health(daemon.port), (await _status(daemon.port)).state]
+        assert not daemon.ready.is_set() and daemon.federation is None
+        loaded.set()
+        await asyncio.wait_for(master, 60)  # every round ran: the held worker was welcomed
+        stop.set()
+        await asyncio.gather(*workers, return_exceptions=True)
+        return during, [r["round"] for r in read_rounds(tmp_path / "rounds.csv")]
+
+    during, rounds = asyncio.run(scenario())
+    assert during == [health_pb2.HealthCheckResponse.NOT_SERVING, "starting"]
+    assert rounds == [str(r) for r in range(1, cfg.system.max_rounds + 1)]

@@ -174,6 +174,8 @@ def test_master_and_worker_metrics_move_with_rounds(tmp_path: Path) -> None:
     )
     assert trained - 1 <= answered <= trained  # the round in flight may still await its decision
     assert math.isfinite(value(worker, "flq_worker_train_loss"))
+    assert value(worker, "flq_worker_last_train_seconds") > 0
+    assert value(worker, "flq_worker_train_seconds_count") == trained
     assert value(seen["worker_after"], "flq_worker_connected") == 0
 
 

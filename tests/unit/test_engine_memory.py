@@ -20,6 +20,7 @@ from flq.link import ProtocolViolation
 from flq.master.engine import invited
 from flq.master.federation import Federation, build_federation
 from flq.master.registry import WorkerRecord
+from flq.master.results import read_rounds
 from flq.memlink import memory_link_pair
 from flq.sim import simulate_async
 from flq.synthetic import SyntheticEvaluation, SyntheticProblem, SyntheticTrainer
@@ -540,6 +541,19 @@ def test_a_simulation_waits_for_every_offer_however_slow_its_workers_are(tmp_pat
     for row in rows:
         assert int(row["failed"]) == 0, row
         assert not row.get("denied"), row
+
+
+def test_rounds_csv_records_the_median_and_slowest_training_time(tmp_path: Path) -> None:
+    # The workers measure their own training (sent in the offer); w1's board is slow.
+    workers = {"system.total_workers": 3, "system.min_workers": 3, "system.max_rounds": 2}
+    cfg = make_config(**workers)
+    trainers = [SyntheticTrainer(PROBLEM, i, delay_s=0.5 if i == 1 else 0.0) for i in range(3)]
+    _, rows = run(cfg, tmp_path, trainers)
+    for row in rows:
+        assert row["slowest"] == "w1"
+        assert float(row["train_s_max"]) >= 0.5 > float(row["train_s_median"]) > 0
+    on_disk = read_rounds(tmp_path / "rounds.csv")
+    assert [r["slowest"] for r in on_disk] == ["w1", "w1"]
 
 
 def test_partial_participation_invites_a_seeded_share_and_sitting_out_is_not_absence(

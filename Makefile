@@ -16,7 +16,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 .PHONY: help venv demo test test-ray lint format typecheck unit proto proto-check bench bench-codec \
         bench-accuracy bench-laq bench-update-error bench-compare bench-rounds bench-scale bench-rss bench-soak \
         bench-checkpoint \
-        bench-robust bench-ray bench-fusion system-deps clean test-containers container-deps \
+        bench-robust bench-ray bench-fusion bench-advisor system-deps clean test-containers container-deps \
         compat
 
 help:
@@ -182,6 +182,11 @@ bench-soak: $(STAMP)
 bench-robust: $(STAMP)
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_robust run
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_robust table
+
+# What the weight advisor's statistics add: one label-noisy worker among 10 (digits), ~30 min.
+bench-advisor: $(STAMP)
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_advisor run
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_advisor table
 
 # Knowledge fusion (issue 15): the teacher on the master's 10 %, then with / without fusion.
 bench-fusion: $(STAMP) system-deps

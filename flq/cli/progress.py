@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from rich.console import Console
@@ -45,6 +47,14 @@ def _format_row(row: dict[str, str]) -> str:
     )
 
 
+def missing_key_warning(cfg: Config, environ: Mapping[str, str]) -> str | None:
+    """Why an LLM-weighted run will only ever use sample weights, if it will."""
+    key = cfg.llm.api_key_env
+    if cfg.flq_algorithm.weighting != "llm" or environ.get(key):
+        return None
+    return f"${key} is not set: every round falls back to sample weights"
+
+
 def run_demo_with_progress(options: DemoOptions) -> DemoSummary:
     cfg = demo_config(options)
     console.print(
@@ -53,6 +63,9 @@ def run_demo_with_progress(options: DemoOptions) -> DemoSummary:
         f"mode {cfg.flq_algorithm.mode} (b_up {cfg.flq_algorithm.b_up}, "
         f"b_down {cfg.flq_algorithm.b_down}), lazy thr {cfg.lazy_selection.thr_scale}"
     )
+    missing = missing_key_warning(cfg, os.environ)
+    if missing:  # said now, not after the run
+        console.print(f"[yellow]warning[/]: {missing}")
     with _progress() as progress:
         task = progress.add_task("rounds", total=cfg.system.max_rounds, status="starting…")
 

@@ -312,3 +312,15 @@ def test_server_signals_skip_what_is_not_a_number() -> None:
     assert progress.signals(2) == ServerSignals(2, 3, (), ())
     progress.evaluated(2, 0.5, 1.0)
     assert progress.signals(3).evaluations == (Evaluated(2, 0.5, 1.0),)
+
+
+def test_the_demo_says_up_front_when_the_llm_key_is_missing() -> None:
+    from flq.cli.progress import missing_key_warning
+    from flq.config import default_config, with_overrides
+
+    llm = with_overrides(default_config(), {"flq_algorithm.weighting": "llm"})
+    assert missing_key_warning(llm, {}) == (
+        "$GEMINI_API_KEY is not set: every round falls back to sample weights"
+    )
+    assert missing_key_warning(llm, {"GEMINI_API_KEY": "k"}) is None
+    assert missing_key_warning(default_config(), {}) is None  # sample weights: no key needed

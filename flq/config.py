@@ -831,6 +831,15 @@ class LoraConfig:
             allowed='"all_dense" or names',
         ),
     )
+    base: str = field(
+        default="",
+        metadata=rule(
+            "Pretrained weights for the frozen base (.keras, .weights.h5 or .npz; the same file "
+            "on every node). Empty: the seeded random base, on which adapters learn little.",
+            check=_weights_file_problem,
+            allowed="empty or .keras/.weights.h5/.npz",
+        ),
+    )
 
 
 def _layer_names_problem(value: Any) -> str | None:
@@ -1300,7 +1309,8 @@ def _cross_field_problems(cfg: Config) -> Iterator[str]:
 
 
 def config_warnings(cfg: Config) -> list[str]:
-    """Settings that load and run but likely not as meant (`flq config check` prints them)."""
+    """Settings that load and run but likely not as meant: `flq config check` prints them and
+    the master logs them at start-up."""
     warnings = []
     llm, workers = cfg.llm, cfg.system.total_workers
     if cfg.flq_algorithm.weighting == "llm" and workers > llm.max_clients_in_prompt:
@@ -1309,6 +1319,12 @@ def config_warnings(cfg: Config) -> list[str]:
             f"{workers}: each question describes {llm.max_clients_in_prompt} of the contributors "
             "(half the most anomalous, the rest the largest by samples); the others keep their "
             "sample weights"
+        )
+    if cfg.lora.rank > 0 and not (cfg.lora.base or cfg.model.weights):
+        warnings.append(
+            f"lora.rank = {cfg.lora.rank} without lora.base: the adapters sit on a random frozen "
+            "base and learn little (the CNN stays near chance); set lora.base to a pretrained "
+            "model's weights file"
         )
     return warnings
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,7 @@ async def simulate_async(
     ray_address: str | None = None,
 ) -> SimResult:
     limit_blas_threads()  # the workers and the master share this process's cores (flq.blas)
+    began = time.monotonic()
     fed = federation or build_federation(cfg)
     fed.engine.wait_for_every_offer()
     workers = _simulated_workers(cfg, trainers, ray_address)
@@ -96,6 +98,8 @@ async def simulate_async(
         await _say_goodbye(fed)
         await workers.stop()
         await fed.aclose()
+    books.write_summary("finished" if driver.finished else "stopped", time.monotonic() - began)
+    await asyncio.to_thread(books.write_model)
     return SimResult(
         rounds=fed.state.round - 1,
         accuracy=books.last_accuracy,

@@ -206,18 +206,7 @@ class UploadReference:
     def _encode(
         self, values: Sequence[np.ndarray], rng: np.random.Generator
     ) -> list[EncodedTensor]:
-        s = self.settings
-        return encode_update(
-            s.mode,
-            values,
-            s.b_up,
-            rng,
-            s.stochastic_rounding,
-            s.bbit_block,
-            s.density,
-            s.gap_classes,
-            s.per_tensor,
-        )
+        return _encode_with(self.settings, values, rng)
 
     def _quantize_innovation(
         self, update: Sequence[np.ndarray], rng: np.random.Generator
@@ -257,3 +246,21 @@ _Quantized = tuple[
     list[np.ndarray],
     list[np.ndarray] | None,
 ]
+
+
+def _encode_with(
+    s: UploadSettings, values: Sequence[np.ndarray], rng: np.random.Generator
+) -> list[EncodedTensor]:
+    return encode_update(
+        s.mode, values, s.b_up, rng, s.stochastic_rounding, s.bbit_block, s.density, s.gap_classes
+    )
+
+
+def upload_cost_bits(shapes: Sequence[tuple[int, ...]], config: RoundConfigLike) -> int:
+    """The wire cost of one upload of tensors of these shapes under `config`'s upload settings,
+    by encoding a seeded normal sample: exact for the fixed-size codecs; for stc/sti, whose
+    position codes depend on the values, the cost of that sample."""
+    rng = np.random.default_rng(0)
+    sample = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+    encoded = _encode_with(UploadReference.key_for(config), sample, rng)
+    return sum(e.cost_bits() for e in encoded)

@@ -19,7 +19,6 @@ import asyncio
 import json
 import math
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -299,13 +298,9 @@ async def _pull(client: AdminClient) -> tuple[StatusReply, int, list[np.ndarray]
 
 
 def write_npz(path: Path, status_reply: StatusReply, round_id: int, weights: list[Any]) -> None:
-    from flq.master.checkpoint import save_checkpoint
+    from flq.master.checkpoint import write_model_npz
 
-    model = asdict(status_reply.model)
-    model["input_shape"] = list(status_reply.model.input_shape)
-    save_checkpoint(
-        path, {"weights": list(weights), "round": round_id, "mode": status_reply.mode, **model}
-    )
+    write_model_npz(path, list(weights), status_reply.model, status_reply.mode, round_id)
 
 
 def write_keras(path: Path, status_reply: StatusReply, weights: list[Any]) -> None:
@@ -323,19 +318,17 @@ def write_keras(path: Path, status_reply: StatusReply, weights: list[Any]) -> No
         )
     from flq.learning.models import ModelRecipe
     from flq.learning.trainer import as_model_weights
+    from flq.learning.weights import write_keras as save_keras
 
     # A user's model (model.builder) is rebuilt here from the same spec: run where it resolves.
     builder = info.name if ":" in info.name else ""
     recipe = ModelRecipe(name=info.name, builder=builder, hidden_units=info.hidden_units)
     model = recipe.build(tuple(info.input_shape), info.num_classes)
     try:
-        model.set_weights(as_model_weights(model, weights))
+        checked = as_model_weights(model, weights)
     except ValueError as error:
         raise AdminError(f"the master's weights do not fit {info.name}: {error}") from None
-    with warnings.catch_warnings():
-        # TensorFlow's tensors predate numpy 2's __array__(copy=...); keras' saver trips on it.
-        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
-        model.save(path)
+    save_keras(model, checked, path)
 
 
 @model_app.command("pull")

@@ -1,9 +1,11 @@
 """LoRA-only federation: low-rank adapters on chosen Dense layers, everything else frozen.
 
-With `lora.rank > 0` every node builds the same seeded model, adds adapters (Keras 3's
-`Dense.enable_lora`: kernel' = kernel + alpha/rank * A @ B, B starting at zero) to the target Dense
-layers and freezes every other variable, biases included. The base weights are then identical on
-every node without ever being sent, and the weights the trainer and the master exchange — the
+With `lora.rank > 0` every node builds the same seeded model, loads the pretrained base
+(`lora.base`, the same file on every node; without it the seeded random weights stay, on which
+adapters learn little), adds adapters (Keras 3's `Dense.enable_lora`: kernel' = kernel +
+alpha/rank * A @ B, B starting at zero) to the target Dense layers and freezes every other
+variable, biases included. The base weights are then identical on every node without ever being
+sent, and the weights the trainer and the master exchange — the
 list the codec, the lazy rule, the budget and the aggregate work on — are the model's trainable
 variables only, in `model.trainable_weights` order: the adapters. Without LoRA the exchanged list
 is the whole model (`model.weights`), as before.
@@ -17,11 +19,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
 from flq.learning.tfimport import keras
+from flq.learning.weights import load_weights_file
+
+if TYPE_CHECKING:
+    from flq.config import Config
 
 ALL_DENSE: Final = "all_dense"
 _ADAPTER_SEED_OFFSET: Final = 32  # adapter seeds sit after the model's own layer seeds
@@ -32,6 +38,7 @@ class LoraSpec:
     rank: int = 0  # 0: LoRA off
     alpha: float = 0.0  # 0: alpha = rank (scale 1)
     target_layers: tuple[str, ...] = (ALL_DENSE,)
+    base: str = ""  # weights file of the pretrained base; "": the seeded random base
 
     def __post_init__(self) -> None:
         if self.rank < 0:
@@ -50,17 +57,25 @@ class LoraSpec:
         return self.alpha or float(self.rank)
 
     @classmethod
-    def parse(cls, rank: int, alpha: float, target_layers: str) -> LoraSpec:
+    def parse(cls, rank: int, alpha: float, target_layers: str, base: str = "") -> LoraSpec:
         """From the config's `lora` section ("all_dense" or comma-separated names)."""
         names = tuple(name.strip() for name in target_layers.split(",") if name.strip())
-        return cls(rank, alpha, names or (ALL_DENSE,))
+        return cls(rank, alpha, names or (ALL_DENSE,), base)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> LoraSpec:
+        lora = cfg.lora
+        return cls.parse(lora.rank, lora.alpha, lora.target_layers, lora.base)
 
 
 def apply_lora(model: Any, spec: LoraSpec, *, seed: int) -> list[str]:
-    """Add adapters to the target Dense layers of a built model and freeze everything else.
-    Returns the adapted layers' names. Seeded, so every node gets the same adapters."""
+    """Load the base (`spec.base`, if set), add adapters to the target Dense layers of a built
+    model and freeze everything else. Returns the adapted layers' names. Seeded, so every node
+    gets the same adapters."""
     if not spec.enabled:
         return []
+    if spec.base:
+        load_weights_file(model, spec.base)
     k = keras()
     dense = [layer for layer in model.layers if isinstance(layer, k.layers.Dense)]
     targets = _targets(dense, spec.target_layers)

@@ -124,6 +124,13 @@ class RoundBookkeeper:
             snapshot["last_row"] = dict(self._last_row)
         return snapshot
 
+    def write_model(self) -> list[Path]:
+        """The final model into the results directory (model.npz, model.keras: with LoRA the
+        base with the adapters folded in), on the calling thread. Returns the files written."""
+        files = self.federation.write_model(self.run_dir)
+        log.info("final model written", files=[str(f) for f in files])
+        return files
+
     def write_summary(self, state: str, seconds: float) -> None:
         """summary.json: the run's totals and sizes, written once at the end."""
         fed = self.federation

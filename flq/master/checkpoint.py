@@ -14,6 +14,7 @@ import os
 import tempfile
 import zipfile
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from flq.config import Config
 from flq.errors import UsageError
+from flq.types import ModelInfo
 
 META_KEY = "__meta__"
 FORMAT_VERSION = 1
@@ -104,6 +106,22 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_model_npz(
+    path: str | os.PathLike[str],
+    weights: list[np.ndarray],
+    model: ModelInfo,
+    mode: str,
+    round_id: int,
+) -> None:
+    """A model file (`model.npz` of a run, `flq model pull -o x.npz`): the weights as
+    `weights/0..n` in model.get_weights() order, with the round and the model's description;
+    `lora.base` and flq.learning.weights read it back."""
+    description = asdict(model) | {"input_shape": list(model.input_shape)}
+    save_checkpoint(
+        path, {"weights": list(weights), "round": round_id, "mode": mode, **description}
+    )
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -168,13 +168,8 @@ class ControlPlane:
         )
 
     def _model_info(self) -> ModelInfo:
-        cfg, fed = self.cfg, self.federation
-        spec = None if fed is None else getattr(fed.evaluation, "spec", None)
-        return ModelInfo(
-            name=cfg.model.label,
-            dataset=cfg.dataset.label,
-            hidden_units=cfg.model.hidden_units,
-            input_shape=() if spec is None else tuple(spec.input_shape),
-            num_classes=0 if spec is None else spec.num_classes,
-            parameters=0 if fed is None else fed.parameters,
-        )
+        if self.federation is None:
+            return ModelInfo(
+                self.cfg.model.label, self.cfg.dataset.label, self.cfg.model.hidden_units
+            )
+        return self.federation.model_info()

@@ -226,6 +226,7 @@ class MasterDaemon:
             control.books.save()
             control.books.close()
             control.books.write_summary(control.state_name, time.time() - self._started)
+            await self._write_final_model(control.books)
         if control.federation is not None:
             await control.federation.aclose()
         await control.dismiss_workers()
@@ -233,6 +234,18 @@ class MasterDaemon:
             await self._server.stop(0 if self.forced else STOP_GRACE_S)
         self._stop_metrics()
         log.info("master stopped", state=control.state_name)
+
+    async def _write_final_model(self, books: RoundBookkeeper) -> None:
+        """In a thread (Keras saves for a while); a failure is logged and the shutdown goes on:
+        the workers still need their goodbye and the checkpoint already holds the model."""
+        if self.forced:
+            return
+        try:
+            await asyncio.to_thread(books.write_model)
+        except (OSError, ValueError, RuntimeError) as error:
+            log.error(
+                "could not write the final model", run_dir=str(self.run_dir), error=str(error)
+            )
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

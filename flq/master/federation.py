@@ -9,20 +9,27 @@ it is starting.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Final, Protocol
 
 import numpy as np
 import structlog
 
-from flq.config import Config
+from flq.algorithm.reference import upload_cost_bits
+from flq.config import Config, config_warnings
 from flq.master.advice import AgreementAdvisor, WeightAdvisor
+from flq.master.checkpoint import write_model_npz
 from flq.master.engine import EngineSettings, RoundEngine
 from flq.master.fusion import FusionSchedule, FusionStep
 from flq.master.llm import LlmAdvisor
 from flq.master.registry import Registry
 from flq.master.state import MasterState, algorithm_settings_from
 from flq.synthetic import SyntheticEvaluation, problem_for
-from flq.types import RoundConfig
+from flq.types import ModelInfo, RoundConfig
+
+log = structlog.get_logger("flq.master")
+MODEL_NPZ: Final = "model.npz"  # the final model, in the results directory
+MODEL_KERAS: Final = "model.keras"
 
 log = structlog.get_logger("flq.master")
 
@@ -99,7 +106,7 @@ class Evaluation:
         model = recipe.build(spec.input_shape, spec.num_classes)  # from model.weights if set
         self.architecture = architecture_of(model)  # what every worker's Hello must match
         self.parameters = count_parameters(model)  # the model itself, without LoRA adapters
-        lora = LoraSpec.parse(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_layers)
+        lora = LoraSpec.from_config(cfg)
         # With LoRA the federation's weights are the adapters only (flq/learning/lora.py).
         self.lora_layers = apply_lora(model, lora, seed=cfg.system.seed)
         self.initial_weights: list[np.ndarray] = get_exchanged(model)
@@ -112,6 +119,7 @@ class Evaluation:
             seed=cfg.system.seed,
             lora=lora,
         )
+        self._plain = replace(recipe, weights="")  # the served model's architecture
 
     def evaluate(self, weights: list[np.ndarray]) -> tuple[float, float]:
         loss, accuracy = self.evaluator.evaluate(weights)
@@ -120,6 +128,14 @@ class Evaluation:
     def model_weights(self, weights: list[np.ndarray]) -> list[np.ndarray]:
         """The plain model's weights: with LoRA, the frozen base with the adapters merged in."""
         return weights if self._merge is None else self._merge.merged(weights)
+
+    def write_keras(self, model_weights: list[np.ndarray], path: Path) -> None:
+        """The plain model (no adapters) with these weights, as a .keras file."""
+        from flq.learning.weights import write_keras
+
+        spec = self.spec
+        model = self._plain.build(spec.input_shape, spec.num_classes)
+        write_keras(model, model_weights, path)
 
 
 @dataclass
@@ -142,23 +158,53 @@ class Federation:
         return self.evaluation.evaluate(weights)
 
     def size_summary(self, uplink_bits: int) -> dict[str, Any]:
-        """What exists vs what travels: the model's parameters (`parameters`, as full-model
-        federation exchanges them), the exchanged ones (with LoRA: the adapters, and the total
-        counts them too), and the uplink bytes per upload (one client, one round) beside what the
-        full model would cost at the same bits per value, and in float32."""
+        """What exists vs what travels: the served model's parameters (`total_parameters`: with
+        LoRA the base, adapters merged in; what full-model federation exchanges), the exchanged
+        ones (with LoRA: the adapters), the uplink bytes per upload measured (one client, one
+        round), and what one upload of the whole model costs with the same codec (with LoRA,
+        encoded once here: exact for every codec but stc/sti, whose sizes depend on the values)."""
         exchanged = sum(int(w.size) for w in self.state.weights)
-        lora = self.cfg.lora.rank > 0
         uploads = sum(r.uploads for r in self.registry.all())
         per_upload = uplink_bits / 8 / uploads if uploads else 0.0
-        full_model = per_upload * self.parameters / exchanged  # same bits per value, more values
+        lora = self.cfg.lora.rank > 0
+        full_model = self._full_model_upload_bytes() if lora else per_upload
         return {
-            "total_parameters": self.parameters + (exchanged if lora else 0),
+            "total_parameters": self.parameters,
             "exchanged_parameters": exchanged,
             "lora_rank": self.cfg.lora.rank,
             "uplink_bytes_per_upload": round(per_upload, 1),
             "full_model_uplink_bytes_per_upload": round(full_model, 1),
             "float32_full_model_bytes": 4 * self.parameters,
         }
+
+    def _full_model_upload_bytes(self) -> float:
+        shapes = [tuple(w.shape) for w in self.model_weights()]
+        return upload_cost_bits(shapes, round_config_from(self.cfg)) / 8
+
+    def model_info(self) -> ModelInfo:
+        """The global model's architecture as Status reports it and model files record it."""
+        spec = getattr(self.evaluation, "spec", None)
+        return ModelInfo(
+            name=self.cfg.model.label,
+            dataset=self.cfg.dataset.label,
+            hidden_units=self.cfg.model.hidden_units,
+            input_shape=() if spec is None else tuple(spec.input_shape),
+            num_classes=0 if spec is None else spec.num_classes,
+            parameters=self.parameters,
+        )
+
+    def write_model(self, run_dir: Path) -> list[Path]:
+        """The final model in `run_dir`: model.npz always (numpy), model.keras where the model
+        is a Keras one; with LoRA the base with the adapters folded in. Returns the files."""
+        weights = [np.asarray(w, dtype=np.float32) for w in self.model_weights()]
+        written = [run_dir / MODEL_NPZ]
+        mode, last_round = self.cfg.flq_algorithm.mode, self.state.round - 1
+        write_model_npz(written[0], weights, self.model_info(), mode, last_round)
+        write_keras = getattr(self.evaluation, "write_keras", None)
+        if write_keras is not None:
+            write_keras(weights, run_dir / MODEL_KERAS)
+            written.append(run_dir / MODEL_KERAS)
+        return written
 
     def model_weights(self) -> list[np.ndarray]:
         """The global model as a plain model (what GetGlobalModel serves): the federation's
@@ -182,6 +228,8 @@ def build_federation(cfg: Config, evaluation: ModelEvaluation | None = None) -> 
     """The federation for `cfg`; `evaluation` replaces the TensorFlow model (tests, benches)."""
     if cfg.lora.rank > 0 and cfg.dataset.name == "synthetic":
         raise ValueError("lora.rank > 0 needs a Keras model; dataset synthetic has none")
+    for warning in config_warnings(cfg):
+        log.warning("config", warning=warning)
     if evaluation is None:
         if cfg.fusion.method != "none":
             _apply_master_device_caps(cfg)  # before TensorFlow's runtime starts

@@ -79,7 +79,7 @@ def build_trainer(
         num_parallel_calls=caps.num_parallel_calls,
         # The model every node builds: with LoRA its frozen base must match the master's.
         model_seed=cfg.system.seed,
-        lora=LoraSpec.parse(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_layers),
+        lora=LoraSpec.from_config(cfg),
     )
     if not keep_data_cache:
         from flq.learning.data import clear_cache

@@ -71,6 +71,16 @@ def test_config_errors_name_the_section_as_written(tmp_path: Path) -> None:
     assert result.returncode == 2 and "unknown section [datasets]" in result.stderr
 
 
+def test_config_check_warns_about_lora_without_a_base(tmp_path: Path) -> None:
+    config = tmp_path / "lora.toml"
+    config.write_text("[lora]\nrank = 4\n")
+    result = flq("config", "check", str(config))
+    assert result.returncode == 0 and "ok (mode=" in result.stdout
+    assert "warning: lora.rank = 4 without lora.base" in result.stderr
+    config.write_text('[lora]\nrank = 4\nbase = "base.keras"\n')
+    assert "warning" not in flq("config", "check", str(config)).stderr
+
+
 def test_config_show_fills_in_defaults() -> None:
     result = flq("config", "show", str(EXAMPLES / "original-flq.json"))
     assert result.returncode == 0

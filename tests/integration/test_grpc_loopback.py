@@ -23,6 +23,7 @@ from flq.admin import AdminTarget, admin_client
 from flq.codec import decode
 from flq.config import Config
 from flq.grpc_options import CLIENT_OPTIONS
+from flq.master.checkpoint import load_checkpoint
 from flq.master.daemon import MasterDaemon, MasterOptions
 from flq.master.federation import build_federation
 from flq.master.results import read_rounds
@@ -80,6 +81,12 @@ def test_federation_over_grpc_runs_every_round_and_ends_cleanly(tmp_path: Path) 
     )
     assert (tmp_path / "checkpoint.npz").exists() and (tmp_path / "summary.json").exists()
     assert daemon.state_name == "finished"
+    # The final model: the numpy problem has no Keras form, so model.npz alone, of round 6.
+    assert daemon.federation is not None
+    final = load_checkpoint(tmp_path / "model.npz")
+    assert final["round"] == 6 and not (tmp_path / "model.keras").exists()
+    for saved, weights in zip(final["weights"], daemon.federation.state.weights, strict=True):
+        np.testing.assert_array_equal(saved, weights)
 
 
 @pytest.fixture

@@ -28,15 +28,21 @@ from flq.learning.lora import (
 )
 from flq.learning.models import build_model, count_parameters
 from flq.learning.trainer import Evaluator, LocalTrainer
-from flq.master.checkpoint import load_checkpoint
+from flq.learning.weights import WeightsFileError, load_weights_file
+from flq.master.checkpoint import load_checkpoint, write_model_npz
 from flq.master.daemon import MasterDaemon, MasterOptions
 from flq.master.federation import Federation, build_federation
 from flq.master.results import read_rounds
-from flq.types import TrainSpec
+from flq.sim import simulate
+from flq.types import ModelInfo, TrainSpec
 from flq.worker.training import build_trainer
+from tests.final_model import assert_final_model_scores
 from tests.loopback import connect_workers
 
 pytestmark = pytest.mark.slow  # TensorFlow training
+# Keras' savers call numpy 2's __array__(copy=...) on TF tensors that predate it (as FLQ's own
+# flq.learning.weights.write_keras knows): the tests save base models themselves.
+saves_keras_files = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 RANK = 4
 HIDDEN = 32
@@ -193,15 +199,17 @@ def test_a_lora_federation_over_grpc_sends_only_adapters_and_learns(tmp_path: Pa
     summary = json.loads((tmp_path / "summary.json").read_text())
     exchanged = sum(int(np.prod(s)) for s in ADAPTER_SHAPES)
     assert summary["exchanged_parameters"] == exchanged and summary["lora_rank"] == RANK
-    assert summary["total_parameters"] == 64 * HIDDEN + HIDDEN + HIDDEN * 10 + 10 + exchanged
+    # The served model has no adapters: total = parameters = what full-model federation sends.
+    served = [(64, HIDDEN), (HIDDEN,), (HIDDEN, 10), (10,)]
+    assert summary["total_parameters"] == summary["parameters"] == sum(map(np.prod, served))
     per_upload = summary["uplink_bytes_per_upload"]
     uploads = sum(int(r["selected"]) for r in rows)
     assert per_upload == pytest.approx(sum(int(r["uplink_bits"]) for r in rows) / 8 / uploads)
-    assert exchanged <= per_upload < 2 * exchanged  # 8 bits per adapter value plus headers
-    full_model = summary["parameters"]  # what full-model federation would exchange
-    assert full_model == summary["total_parameters"] - exchanged
-    expected = per_upload * full_model / exchanged  # the same bits per value, all values
-    assert summary["full_model_uplink_bytes_per_upload"] == pytest.approx(expected, abs=0.1)
+    # 8 bits per value and a header per tensor (codec/bits 16, 32 per dim, the radius 32).
+    assert per_upload == sum(np.prod(s) + (16 + 32 * len(s) + 32) / 8 for s in ADAPTER_SHAPES)
+    full_model = sum(np.prod(s) + (16 + 32 * len(s) + 32) / 8 for s in served)
+    assert summary["full_model_uplink_bytes_per_upload"] == pytest.approx(full_model, abs=0.1)
+    assert_final_model_scores(tmp_path, lora_config(), rows[-1]["accuracy"])
 
 
 def test_demo_runs_a_lora_only_federation_with_one_command(tmp_path: Path) -> None:
@@ -219,7 +227,7 @@ def test_demo_runs_a_lora_only_federation_with_one_command(tmp_path: Path) -> No
     adapters = 64 * RANK + RANK * hidden + hidden * RANK + RANK * 10
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exchanged_parameters"] == summary["demo"]["exchanged_parameters"] == adapters
-    assert summary["demo"]["total_parameters"] == 64 * hidden + hidden + hidden * 10 + 10 + adapters
+    assert summary["demo"]["total_parameters"] == 64 * hidden + hidden + hidden * 10 + 10
     saved = load_checkpoint(out / "checkpoint.npz")["master"]["weights"]
     assert [tuple(w.shape) for w in saved] == [
         (64, RANK),
@@ -230,3 +238,99 @@ def test_demo_runs_a_lora_only_federation_with_one_command(tmp_path: Path) -> No
     accuracy = [float(r["accuracy"]) for r in read_rounds(out / "rounds.csv")]
     assert len(accuracy) == 4 and accuracy[-1] > accuracy[0]
     assert "parameters sent / in model" in result.stdout
+
+
+# ---------------------------------------------------------------- a pretrained base
+
+
+@pytest.fixture(scope="module")
+def pretrained_base(
+    tmp_path_factory: pytest.TempPathFactory, digits: tuple[DatasetSpec, ArrayData, ArrayData]
+) -> tuple[Path, float]:
+    """The mlp trained centrally on a public third of digits' training split, as .keras, and its
+    test accuracy (the federation's workers hold the same split: a base that already knows)."""
+    from flq.learning.tfimport import keras
+
+    spec, train, test = digits
+    model = build_model("mlp", spec.input_shape, spec.num_classes, hidden_units=HIDDEN, seed=7)
+    public = train.subset(np.arange(len(train) // 3))
+    model.compile(optimizer=keras().optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    model.fit(public.x, public.y, epochs=30, batch_size=32, verbose=0)
+    path = tmp_path_factory.mktemp("base") / "base.keras"
+    model.save(path)
+    accuracy = float(np.mean(np.argmax(model.predict(test.x, verbose=0), -1) == test.y))
+    return path, accuracy
+
+
+@saves_keras_files
+def test_weights_files_load_all_or_nothing(
+    tmp_path: Path, digits: tuple[DatasetSpec, ArrayData, ArrayData]
+) -> None:
+    spec = digits[0]
+
+    def mlp(seed: int, hidden: int = HIDDEN) -> Any:
+        return build_model(
+            "mlp", spec.input_shape, spec.num_classes, hidden_units=hidden, seed=seed
+        )
+
+    source = mlp(1)
+    weights = source.get_weights()
+    source.save(tmp_path / "a.keras")
+    source.save_weights(tmp_path / "a.weights.h5")
+    np.savez(tmp_path / "plain.npz", *weights)
+    write_model_npz(tmp_path / "flq.npz", weights, ModelInfo("mlp"), "bbit", 3)
+    for name in ("a.keras", "a.weights.h5", "plain.npz", "flq.npz"):
+        target = mlp(2)
+        load_weights_file(target, tmp_path / name)
+        for ours, theirs in zip(target.get_weights(), weights, strict=True):
+            np.testing.assert_array_equal(ours, theirs)
+
+    other = mlp(3, hidden=16)  # another architecture: refused, and left as it was
+    before = other.get_weights()
+    (tmp_path / "junk.keras").write_bytes(b"not a zip")
+    problems = {
+        "a.keras": "cannot load it into model mlp",
+        "a.weights.h5": "cannot load it into model mlp",
+        "plain.npz": r"weight 0 has shape \(64, 32\), the model's is \(64, 16\)",
+        "missing.keras": "no such weights file",
+        "junk.keras": "junk.keras: cannot load it",
+        "a.h5": "expected a file ending in .keras, .weights.h5, .npz",
+    }
+    (tmp_path / "a.h5").write_bytes(b"")
+    for name, problem in problems.items():
+        with pytest.raises(WeightsFileError, match=problem):
+            load_weights_file(other, tmp_path / name)
+        for now, then in zip(other.get_weights(), before, strict=True):
+            np.testing.assert_array_equal(now, then)
+
+
+@saves_keras_files
+def test_lora_on_a_pretrained_base_starts_from_it_and_learns(
+    tmp_path: Path, pretrained_base: tuple[Path, float]
+) -> None:
+    base, base_accuracy = pretrained_base
+    overrides = {"system.max_rounds": 3, "system.round_timeout_s": 120.0}
+    cfg = lora_config(**overrides, **{"lora.base": str(base)})
+    from flq.learning.tfimport import keras
+
+    base_weights = keras().models.load_model(base, compile=False).get_weights()
+    worker = build_trainer(cfg, "w1", 1)[0].trainer
+    for ours, theirs in zip(frozen_weights(worker.model), base_weights, strict=True):
+        np.testing.assert_array_equal(ours, theirs)  # every node's frozen base is the file's
+
+    with_base = simulate(cfg, tmp_path / "base")
+    on_random = simulate(lora_config(**overrides), tmp_path / "random")
+    assert with_base.accuracy >= base_accuracy - 0.03  # adapters start at B = 0: the base itself
+    assert with_base.accuracy > on_random.accuracy + 0.15
+    rows = read_rounds(tmp_path / "base" / "rounds.csv")
+    assert_final_model_scores(tmp_path / "base", cfg, rows[-1]["accuracy"])
+
+
+def test_a_run_without_lora_leaves_the_final_model_too(tmp_path: Path) -> None:
+    cfg = lora_config(**{"lora.rank": 0, "system.max_rounds": 2, "flq_algorithm.mode": "fedavg"})
+    result = simulate(cfg, tmp_path)
+    assert_final_model_scores(tmp_path, cfg, result.accuracy)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["state"] == "finished"
+    assert summary["total_parameters"] == summary["exchanged_parameters"]
+    assert summary["full_model_uplink_bytes_per_upload"] == summary["uplink_bytes_per_upload"]

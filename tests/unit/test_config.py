@@ -19,6 +19,7 @@ from flq.config import (
     Setting,
     config_from_dict,
     config_to_dict,
+    config_warnings,
     default_config,
     dumps_toml,
     generated_reference_in,
@@ -507,6 +508,7 @@ _CHECKED_STRINGS: dict[str, st.SearchStrategy[Any]] = {
     "loader": st.sampled_from(["", "my_data:load", "data/load.py:load"]),
     "builder": st.sampled_from(["", "my_model:build", "models/net.py:build"]),
     "weights": st.sampled_from(["", "base.keras", "init.weights.h5", "w.npz"]),
+    "base": st.sampled_from(["", "base.keras", "pretrained/base.weights.h5", "run/model.npz"]),
 }
 
 
@@ -622,3 +624,23 @@ def test_reference_names_every_key_and_marks_the_original_ones() -> None:
 def test_every_benchmark_config_is_valid_and_writes_where_it_is_named(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.logging.result_dir == f"docs/results/{path.stem}"
+
+
+# ---------------------------------------------------------------- lora.base
+
+
+@pytest.mark.parametrize("base", ["", "base.keras", "dir/base.weights.h5", "BASE.NPZ"])
+def test_lora_base_takes_a_weights_file_name(base: str) -> None:
+    assert load_dict({"lora": {"rank": 4, "base": base}}).lora.base == base
+
+
+def test_lora_base_of_another_kind_is_refused_naming_it() -> None:
+    message = error_of({"lora": {"rank": 4, "base": "base.h5"}})
+    assert "lora.base" in message and "base.h5" in message and ".weights.h5" in message
+
+
+def test_lora_without_a_base_is_warned_about_and_nothing_else_is() -> None:
+    assert config_warnings(default_config()) == []
+    (warning,) = config_warnings(load_dict({"lora": {"rank": 8}}))
+    assert "lora.rank = 8 without lora.base" in warning and "learn little" in warning
+    assert config_warnings(load_dict({"lora": {"rank": 8, "base": "b.keras"}})) == []

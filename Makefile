@@ -16,7 +16,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 .PHONY: help venv demo test test-ray lint format typecheck unit proto proto-check bench bench-codec \
         bench-accuracy bench-laq bench-update-error bench-compare bench-rounds bench-scale bench-rss bench-soak \
         bench-checkpoint \
-        bench-robust bench-ray bench-fusion bench-advisor system-deps clean test-containers container-deps \
+        bench-robust bench-ray bench-fusion bench-advisor bench-lora system-deps clean test-containers container-deps \
         compat
 
 help:
@@ -198,8 +198,14 @@ bench-fusion: $(STAMP) system-deps
 bench-ray: $(STAMP) system-deps
 	$(BENCH_ENV) $(BIN)/python -m bench.bench_ray --json docs/results/ray.json
 
+# LoRA on a pretrained base vs full-model federation, the CNN on digits (issue 13).
+bench-lora: $(STAMP)
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_lora prepare
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_lora run
+	$(BENCH_ENV) $(BIN)/python -m bench.bench_lora table
+
 bench: bench-codec bench-compare bench-rounds bench-scale bench-checkpoint bench-rss bench-laq bench-update-error bench-accuracy \
-       bench-soak bench-robust bench-ray bench-fusion
+       bench-soak bench-robust bench-ray bench-fusion bench-lora
 
 clean:
 	rm -rf $(VENV) $(PROTO_VENV) $(BENCH_VENV) $(COMPAT_VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

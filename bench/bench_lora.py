@@ -18,8 +18,9 @@ The configs name their data and base by relative path: run from the repository r
 model "from the base" starts the master from the base's weights in-process (`initial = "base"`
 in this file's RUNS), since `flq simulate` has no key for a full model's initial weights yet.
 
-`table` measures bytes per upload from each run's rounds.csv (uplink bits / granted uploads),
-not from a parameter ratio, and prints the markdown table for docs/benchmarks.md.
+`table` measures bytes per upload from each run's rounds.csv (uplink bits / uploads, in rounds
+where the master's screen refused none), not from a parameter ratio, and prints the markdown
+table for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -151,8 +152,11 @@ def stats(name: str) -> dict[str, Any]:
     rows = read_rounds(run_dir / "rounds.csv")
     summary = json.loads((run_dir / "summary.json").read_text())
     scored = [(int(r["round"]), float(r["accuracy"])) for r in rows if r["accuracy"] != "nan"]
-    uploads = sum(int(r["selected"]) for r in rows)
     uplink_bits = sum(int(r["uplink_bits"]) for r in rows)
+    # Per upload from the rounds where every upload counted: an upload the master's screen
+    # refused (a `failed` worker) crossed the wire and is in uplink_bits, not in `selected`.
+    clean = [r for r in rows if int(r["failed"]) == 0 and int(r["selected"]) > 0]
+    per_upload = statistics.median(int(r["uplink_bits"]) / 8 / int(r["selected"]) for r in clean)
     return {
         "run": name,
         "rounds": len(rows),
@@ -161,8 +165,7 @@ def stats(name: str) -> dict[str, Any]:
         "best": max(a for _, a in scored),
         "exchanged": summary["exchanged_parameters"],
         "served": summary["total_parameters"],
-        "uploads": uploads,
-        "bytes_per_upload": uplink_bits / 8 / uploads,
+        "bytes_per_upload": per_upload,
         "uplink_bits": uplink_bits,
         "median_round_s": statistics.median(float(r["seconds"]) for r in rows),
         "wall_s": summary.get("wall_s"),
@@ -175,7 +178,7 @@ def table(names: list[str]) -> str:
         f"Pretrained base alone (server's {base['public_samples']} images): test accuracy "
         f"{base['base_test_accuracy']:.3f}.",
         "",
-        "| run | parameters sent / served | accuracy after round 1 | final | best "
+        "| run | parameters sent / served | accuracy, round 2 | final (round 60) | best "
         "| bytes per upload (measured) | uplink total |",
         "|---|---|---|---|---|---|---|",
     ]

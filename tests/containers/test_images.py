@@ -290,7 +290,8 @@ def podman_pods(
       volume claim template becomes a podman volume made beforehand, owned by the pod's
       fsGroup as kubelet would make it (podman ignores fsGroup);
     - Secret volumes become host directories laid out as kubelet lays out a Secret;
-    - host network, the ports moved to free ones (other tests share this machine's loopback);
+    - host network (without the containers' port lists, which podman refuses there), the ports
+      moved to free ones (other tests share this machine's loopback);
       no cluster DNS, and podman ignores hostAliases on the host network: the worker dials the
       master as localhost, a name the master's certificate also carries;
     - the worker's node name (downward API spec.nodeName, which podman does not fill in) is
@@ -314,7 +315,14 @@ def podman_pods(
         spec = pod["spec"]
         spec["hostNetwork"] = True
         spec.pop("nodeSelector", None)
-        spec["containers"][0]["image"] = image
+        container = spec["containers"][0]
+        container["image"] = image
+        # podman refuses port mappings on the host network; probes name the port by number
+        numbers = {port["name"]: port["containerPort"] for port in container.pop("ports", [])}
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            http = container.get(probe, {}).get("httpGet")
+            if http is not None:
+                http["port"] = numbers.get(http["port"], http["port"])
         for volume in spec["volumes"]:
             secret = volume.pop("secret", None)
             if secret is not None:
@@ -395,7 +403,9 @@ def _play_and_stop(
     played.write_text(yaml.safe_dump_all(objects))
     podman.run("volume", "create", claim)
     os.chown(podman.mountpoint(claim), FLQ_UID, FLQ_UID)  # what fsGroup does on a cluster
-    cleanup.extend([("volume", claim), ("pod", "flq-master-0"), ("pod", f"flq-worker-{node}")])
+    config_volume = objects[0]["metadata"]["name"]  # kube play keeps a ConfigMap as a volume
+    cleanup.extend([("volume", claim), ("volume", config_volume)])
+    cleanup.extend([("pod", "flq-master-0"), ("pod", f"flq-worker-{node}")])
     podman.run("kube", "play", str(played), timeout=300)
 
     run_dir = podman.mountpoint(claim) / "run"

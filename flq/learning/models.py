@@ -10,14 +10,10 @@ probs; logreg: probs) so `lora.target_layers` can name them.
 
 from __future__ import annotations
 
-import re
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
-
-import numpy as np
 
 from flq.errors import UsageError
 from flq.learning.tfimport import keras
@@ -170,51 +166,17 @@ class ModelRecipe:
 
 
 def load_weights_file(model: KerasModel, path_text: str) -> None:
-    """Set the model's weights from a .keras / .weights.h5 file (Keras matches them to the
-    layers in order) or an .npz of arrays in `model.weights` order; WeightsError names the file
-    and the first mismatch."""
-    path = Path(path_text).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"model.weights = {path_text!r}: {path} not found")
-    if path.suffix.lower() == ".npz":
-        arrays = _npz_weights(path)
-        expected = [tuple(w.shape) for w in model.weights]
-        if [a.shape for a in arrays] != expected:
-            raise WeightsError(
-                f"model.weights = {path_text!r}: {len(arrays)} arrays of shapes "
-                f"{[a.shape for a in arrays][:4]}... do not fit the model's {len(expected)} "
-                f"weights of shapes {expected[:4]}..."
-            )
-        model.set_weights([np.asarray(a, dtype=np.float32) for a in arrays])
-        return
+    """Set the model's weights from a .keras / .weights.h5 / .npz file, all or nothing
+    (flq.learning.weights, which lora.base uses too); WeightsError names the key, the file and
+    the first mismatch, and the model is left as it was."""
+    from flq.learning.weights import WeightsFileError
+    from flq.learning.weights import load_weights_file as load_all_or_nothing
+
     try:
-        model.load_weights(str(path))
-    except (ValueError, OSError, KeyError) as error:
-        raise WeightsError(
-            f"model.weights = {path_text!r}: does not fit the model: {str(error)[:400]}"
-        ) from error
+        load_all_or_nothing(model, Path(path_text).expanduser())
+    except WeightsFileError as error:
+        raise WeightsError(f"model.weights = {path_text!r}: {error}") from error
 
 
 class WeightsError(UsageError, ValueError):
     """An initial weights file that is missing, unreadable or of another model."""
-
-
-_NPZ_WEIGHT_KEY = re.compile(r"^(?:weights/|arr_)(\d+)$")  # flq model pull's, and np.savez(*w)
-
-
-def _npz_weights(path: Path) -> list[np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            numbered = {}
-            for key in archive.files:
-                match = _NPZ_WEIGHT_KEY.match(key)
-                if match:
-                    numbered[int(match.group(1))] = archive[key]
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise WeightsError(f"model.weights = {str(path)!r}: cannot read ({error})") from error
-    if not numbered or sorted(numbered) != list(range(len(numbered))):
-        raise WeightsError(
-            f"model.weights = {str(path)!r}: expected arrays weights/0, weights/1, ... "
-            "(flq model pull) or arr_0, arr_1, ... (np.savez(path, *model.get_weights()))"
-        )
-    return [numbered[i] for i in range(len(numbered))]

@@ -107,9 +107,11 @@ def test_initial_weights_load_from_each_file_kind(
 def test_weights_of_another_model_are_refused_naming_the_file(models: Path, tmp_path: Path) -> None:
     path = tmp_path / "wide.npz"
     np.savez(path, *build_user_model(f"{models}:wider").get_weights())
-    with pytest.raises(WeightsError, match=r"wide\.npz.*do not fit the model"):
+    with pytest.raises(
+        WeightsError, match=r"model\.weights = .*wide\.npz.*(weight arrays|the model's is)"
+    ):
         ModelRecipe(builder=f"{models}:build", weights=str(path)).build((8, 8, 1), 10)
-    with pytest.raises(WeightsError, match="not found"):
+    with pytest.raises(WeightsError, match=r"absent\.keras: no such weights file"):
         ModelRecipe(weights=str(tmp_path / "absent.keras")).build((8, 8, 1), 10)
 
 

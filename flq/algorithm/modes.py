@@ -21,13 +21,12 @@ laq8 and stc with the residual of what earlier uploads left out added (error fee
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal, TypeAlias, get_args
 
 import numpy as np
 
-from flq.algorithm.stc import SPARSE_CODECS, kept_count, sparsify, tensor_keep_count
+from flq.algorithm.stc import SPARSE_CODECS, allowed_kept, kept_count, sparsify
 from flq.codec import (
     Codec,
     EncodedTensor,
@@ -37,7 +36,6 @@ from flq.codec import (
     encode_sign,
     encode_stochastic,
 )
-from flq.codec.sparse import keep_count
 
 Mode: TypeAlias = Literal["fedavg", "laq8", "bbit", "bin", "stc", "sti"]
 MODES: tuple[Mode, ...] = get_args(Mode)
@@ -165,10 +163,3 @@ def check_upload(
             raise ValueError(
                 f"upload keeps {kept_count(encoded)} values, density {density} allows {allowed}"
             )
-
-
-def allowed_kept(shapes: Sequence[tuple[int, ...]], density: float, per_tensor: bool) -> int:
-    """The most values a sparse upload of these shapes may keep at `density`."""
-    if per_tensor:
-        return sum(tensor_keep_count(math.prod(shape), density) for shape in shapes)
-    return keep_count(sum(math.prod(shape) for shape in shapes), density)

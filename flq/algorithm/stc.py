@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from flq.codec import Codec, EncodedTensor
-from flq.codec.sparse import check_density, keep_count, ternary_tensor, top_k
+from flq.codec.sparse import check_density, keep_count, ternary_tensor, ternary_top, top_k
 
 
 def sparsify(
@@ -37,7 +37,8 @@ def sparsify(
     steps at p = 1 %) are hardly ever sent, which a per-coordinate server step (Adam) feels."""
     check_density(density)
     if per_tensor:
-        return [_sparsify_tensor(v, density, gap_classes) for v in values]
+        tensors = [np.asarray(v, dtype=np.float32) for v in values]
+        return [ternary_top(t, tensor_keep_count(t.size, density), gap_classes) for t in tensors]
     flats = [np.asarray(v, dtype=np.float32).reshape(-1) for v in values]
     whole = np.concatenate(flats) if flats else np.zeros(0, np.float32)
     positions = top_k(np.abs(whole), keep_count(whole.size, density))
@@ -59,13 +60,11 @@ def tensor_keep_count(count: int, density: float) -> int:
     return min(count, math.ceil(density * count))
 
 
-def _sparsify_tensor(value: np.ndarray, density: float, gap_classes: bool) -> EncodedTensor:
-    flat = np.asarray(value, dtype=np.float32).reshape(-1)
-    positions = top_k(np.abs(flat), tensor_keep_count(flat.size, density))
-    picked = flat[positions]
-    return ternary_tensor(
-        np.shape(value), positions, picked > 0, _mean_magnitude(picked), gap_classes
-    )
+def allowed_kept(shapes: Sequence[tuple[int, ...]], density: float, per_tensor: bool) -> int:
+    """The most values a sparse upload of these shapes may keep at `density`."""
+    if per_tensor:
+        return sum(tensor_keep_count(math.prod(shape), density) for shape in shapes)
+    return keep_count(sum(math.prod(shape) for shape in shapes), density)
 
 
 def _mean_magnitude(picked: np.ndarray) -> float:

@@ -227,10 +227,17 @@ def encode_sparse_ternary(x: np.ndarray, density: float) -> EncodedTensor:
     flat = values.reshape(-1)
     if not np.isfinite(flat).all():
         raise CodecError("input: contains NaN or Inf, expected finite values")
-    positions = top_k(np.abs(flat), keep_count(flat.size, density))
+    return ternary_top(values, keep_count(flat.size, density))
+
+
+def ternary_top(values: np.ndarray, count: int, gap_classes: bool = True) -> EncodedTensor:
+    """The tensor whose top `count` values by magnitude become +-mu (mu their mean magnitude),
+    everything else 0; `values` are float32 and finite (the caller's check)."""
+    flat = values.reshape(-1)
+    positions = top_k(np.abs(flat), count)
     picked = flat[positions]
     mu = float(np.abs(picked).mean(dtype=np.float64)) if picked.size else 0.0
-    return ternary_tensor(values.shape, positions, picked > 0, mu)
+    return ternary_tensor(values.shape, positions, picked > 0, mu, gap_classes)
 
 
 def keep_count(count: int, density: float) -> int:

@@ -37,7 +37,7 @@ ClientOptimizer = Literal["sgd", "adam"]
 Mode = Literal["fedavg", "laq8", "bbit", "bin", "stc", "sti"]
 GapCode = Literal["best", "golomb"]
 SparseScope = Literal["tensor", "model"]
-ServerOptimizer = Literal["avg", "sgd", "adam", "yogi", "adagrad"]
+ServerOptimizer = Literal["avg", "sgd", "momentum", "adam", "yogi", "adagrad"]
 Weighting = Literal["samples", "uniform", "llm", "agreement"]
 AggregationRule = Literal["mean", "trimmed_mean", "median", "norm_clipped"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -490,7 +490,8 @@ class AlgorithmConfig:
     server_optimizer: ServerOptimizer = field(
         default="avg",
         metadata=rule(
-            "Server step: avg applies the mean update; the others are adaptive optimizers."
+            "Server step: avg applies the mean update, sgd scales it by server_lr, momentum is "
+            "heavy-ball SGD on it (FedAvgM, beta 0.9); adam, yogi, adagrad are adaptive (FedOpt)."
         ),
     )
     server_lr: float = field(default=1.0, metadata=rule("Server learning rate.", above=0))

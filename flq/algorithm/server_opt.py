@@ -1,8 +1,9 @@
 """Server optimizers: how the global model moves given the round's aggregate A.
 
 A is already a descent direction (the weighted mean of model deltas), so the pseudo-gradient is
-g = -A. `avg` adds A as is (FedAvg), `sgd` scales it by server_lr; `adam`, `yogi` and `adagrad`
-follow FedOpt (Reddi et al., "Adaptive Federated Optimization", ICLR 2021):
+g = -A. `avg` adds A as is (FedAvg), `sgd` scales it by server_lr, `momentum` is heavy-ball SGD
+on A (FedAvgM, Hsu et al. arXiv 1909.06335: m = 0.9 m + A, theta += server_lr * m); `adam`, `yogi`
+and `adagrad` follow FedOpt (Reddi et al., "Adaptive Federated Optimization", ICLR 2021):
 
     m = b1 m + (1 - b1) g
     adam:    v = b2 v + (1 - b2) g^2,   bias-corrected m_hat, v_hat, eps 1e-8
@@ -28,7 +29,7 @@ import numpy as np
 
 from flq.algorithm._arrays import check_shapes, shapes_of
 
-OptimizerName: TypeAlias = Literal["avg", "sgd", "adam", "yogi", "adagrad"]
+OptimizerName: TypeAlias = Literal["avg", "sgd", "momentum", "adam", "yogi", "adagrad"]
 OPTIMIZERS: tuple[OptimizerName, ...] = get_args(OptimizerName)
 
 
@@ -118,6 +119,46 @@ class SgdOptimizer:
     def load_state(self, state: Mapping[str, Any]) -> None:
         _check_name(self.name, state)
         self.lr = float(state["lr"])
+
+
+@dataclass
+class MomentumOptimizer:
+    """theta + server_lr * m with m = beta m + A (heavy ball). Linear in A, so a sparse,
+    error-fed aggregate moves the model by what its values say; Adam's per-coordinate
+    normalisation turns a rare sparse hit into a step of ~30 lr whatever its size."""
+
+    lr: float
+    beta: float = 0.9
+    name: str = "momentum"
+
+    def __post_init__(self) -> None:
+        self.m: list[np.ndarray] = []
+
+    def propose(self, theta: Sequence[np.ndarray], delta: Sequence[np.ndarray]) -> Proposal:
+        shapes = shapes_of(theta)
+        check_shapes(delta, shapes, "aggregate")
+        m_old = self.m or [np.zeros(s, np.float32) for s in shapes]
+        check_shapes(m_old, shapes, "optimizer state")
+        beta, lr = np.float32(self.beta), np.float32(self.lr)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the caller's to see
+            new_m = [beta * m + d for m, d in zip(m_old, _f32(delta), strict=True)]
+            new_theta = [t + lr * m for t, m in zip(_f32(theta), new_m, strict=True)]
+        return Proposal(new_theta, (new_m,))
+
+    def commit(self, proposal: Proposal) -> list[np.ndarray]:
+        (self.m,) = proposal.state
+        return proposal.weights
+
+    def step(self, theta: Sequence[np.ndarray], delta: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.commit(self.propose(theta, delta))
+
+    def state(self) -> dict[str, Any]:
+        return {"name": self.name, "lr": self.lr, "m": [a.copy() for a in self.m]}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        _check_name(self.name, state)
+        self.lr = float(state["lr"])
+        self.m = [np.array(a, np.float32) for a in state.get("m", [])]
 
 
 def _adam_v(v: np.ndarray, g_sq: np.ndarray, b2: np.float32) -> np.ndarray:
@@ -225,11 +266,14 @@ def _check_name(name: str, state: Mapping[str, Any]) -> None:
 
 def make_server_optimizer(name: str, lr: float = 1.0, tau: float = 1e-3) -> ServerOptimizer:
     """The optimizer called `name`; `tau` is FedOpt's adaptivity for yogi and adagrad.
-    Betas: adam .9/.999; yogi .9/.99 and adagrad momentum 0 (FedOpt's and Flower's defaults)."""
+    Betas: momentum .9; adam .9/.999; yogi .9/.99 and adagrad momentum 0 (FedOpt's and
+    Flower's defaults)."""
     if name == "avg":
         return AverageOptimizer()
     if name == "sgd":
         return SgdOptimizer(lr)
+    if name == "momentum":
+        return MomentumOptimizer(lr)
     if name == "adam":
         return AdaptiveOptimizer("adam", lr, 0.9, 0.999, 1e-8, True, 0.0)
     if name == "yogi":

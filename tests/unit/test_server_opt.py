@@ -25,6 +25,14 @@ def test_sgd_scales_the_aggregate() -> None:
     np.testing.assert_allclose(new[0], [1.05, 1.9], rtol=1e-6)
 
 
+def test_momentum_first_two_steps_by_hand() -> None:
+    opt = make_server_optimizer("momentum", lr=0.5)
+    theta = opt.step(_arrays(1.0), _arrays(0.2))
+    assert theta[0][0] == pytest.approx(1.0 + 0.5 * 0.2)  # m = A
+    theta = opt.step(theta, _arrays(-0.1))
+    assert theta[0][0] == pytest.approx(1.1 + 0.5 * (0.9 * 0.2 - 0.1))  # m = 0.9 m + A
+
+
 def test_adam_first_two_steps_by_hand() -> None:
     lr, a1, a2 = 0.1, 0.5, -0.2
     opt = make_server_optimizer("adam", lr=lr)

@@ -355,6 +355,20 @@ class ModelConfig:
         ),
     )
     lr: float = field(default=0.05, metadata=rule("Client learning rate.", original=True, above=0))
+    lr_decay_every: int = field(
+        default=0,
+        metadata=rule(
+            "Step decay of the client learning rate: every this many rounds the master tells "
+            "workers lr x lr_decay_factor (round r trains with lr x factor^((r-1) // every)); "
+            "0 = constant. Constant-rate SGD levels off at its noise floor; a step down late "
+            "lowers it.",
+            minimum=0,
+        ),
+    )
+    lr_decay_factor: float = field(
+        default=0.5,
+        metadata=rule("What each step of lr_decay_every multiplies lr by.", above=0, maximum=1),
+    )
     l2: float = field(
         default=0.0,
         metadata=rule("L2 penalty coefficient in the client loss.", original=True, minimum=0),

@@ -68,6 +68,17 @@ class EngineSettings:
     seed: int = 0  # with the round, seeds who is invited
     max_rounds: int = 0  # the run's length, for the weight advisor's view of progress
     model: ModelIdentity | None = None  # the master's model; a Hello with another is refused
+    lr_decay_every: int = 0  # rounds between steps of the client lr; 0 = constant
+    lr_decay_factor: float = 0.5
+
+    def round_config_for(self, round_id: int) -> RoundConfig:
+        """What workers are told in round `round_id`: the run's RoundConfig, its lr stepped down
+        by lr_decay_factor every lr_decay_every rounds (round 1 trains with the configured lr)."""
+        if self.lr_decay_every <= 0:
+            return self.round_config
+        steps = (max(round_id, 1) - 1) // self.lr_decay_every
+        lr = self.round_config.lr * self.lr_decay_factor**steps
+        return dataclasses.replace(self.round_config, lr=lr)
 
 
 class _Failure(Exception):
@@ -246,7 +257,7 @@ class RoundEngine:
         prepared = PreparedRound(
             round_id,
             self.state.downlink.prepare(self.state.weights),
-            self.settings.round_config,
+            self.settings.round_config_for(round_id),
             self.state.lazy_scalar,
         )
         # Not waiting for the long silent keeps a frozen board from costing every round a grace,

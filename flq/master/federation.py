@@ -75,6 +75,8 @@ def engine_settings_from(cfg: Config) -> EngineSettings:
         participation=cfg.system.participation,
         seed=cfg.system.seed,
         max_rounds=cfg.system.max_rounds,
+        lr_decay_every=cfg.model.lr_decay_every,
+        lr_decay_factor=cfg.model.lr_decay_factor,
     )
 
 

@@ -593,3 +593,36 @@ def test_invitations_are_seeded_by_round_and_cover_the_share() -> None:
     assert {w for ids in drawn.values() for w in ids} == {f"w{i}" for i in range(10)}
     assert invited(records, 1.0, 7, 3) == records
     assert [x.worker_id for x in invited(records, 0.01, 7, 3)] != []  # at least one
+
+
+class RecordsLr:
+    """A synthetic trainer that keeps the learning rate each round told it."""
+
+    def __init__(self, inner: SyntheticTrainer) -> None:
+        self.inner, self.num_samples = inner, inner.num_samples
+        self.lrs: list[float] = []
+
+    def train(self, weights: list[np.ndarray], spec: TrainSpec) -> Any:
+        self.lrs.append(spec.lr)
+        return self.inner.train(weights, spec)
+
+
+def test_lr_steps_down_every_n_rounds_on_the_wire(tmp_path: Path) -> None:
+    cfg = make_config(
+        **{
+            "system.max_rounds": 7,
+            "model.lr": 0.08,
+            "model.lr_decay_every": 3,
+            "model.lr_decay_factor": 0.5,
+        }
+    )
+    workers = [RecordsLr(SyntheticTrainer(PROBLEM, i)) for i in range(cfg.system.total_workers)]
+    run(cfg, tmp_path, trainers=workers)
+    expected = [0.08] * 3 + [0.04] * 3 + [0.02]
+    for worker in workers:
+        assert worker.lrs == pytest.approx(expected)
+
+
+def test_lr_decay_factor_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="lr_decay_factor"):
+        make_config(**{"model.lr_decay_factor": 1.5})

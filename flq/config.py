@@ -1341,6 +1341,14 @@ def config_warnings(cfg: Config) -> list[str]:
             "base and learn little (the CNN stays near chance); set lora.base to a pretrained "
             "model's weights file"
         )
+    algo = cfg.flq_algorithm
+    if algo.mode == "stc" and algo.server_optimizer in ("adam", "yogi", "adagrad"):
+        warnings.append(
+            f"flq_algorithm.mode = 'stc' with server_optimizer = {algo.server_optimizer!r}: an "
+            "adaptive step normalises each coordinate, so a value that arrives once in ~1/density "
+            "rounds moves it ~30 x server_lr whatever its size; on Fashion-MNIST this levelled "
+            "off at ~0.78 where 'avg' (with model.lr ~0.1) reached 0.85 (docs/benchmarks.md)"
+        )
     return warnings
 
 

@@ -644,3 +644,14 @@ def test_lora_without_a_base_is_warned_about_and_nothing_else_is() -> None:
     (warning,) = config_warnings(load_dict({"lora": {"rank": 8}}))
     assert "lora.rank = 8 without lora.base" in warning and "learn little" in warning
     assert config_warnings(load_dict({"lora": {"rank": 8, "base": "b.keras"}})) == []
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "yogi", "adagrad"])
+def test_stc_under_an_adaptive_server_step_is_warned_about(optimizer: str) -> None:
+    algo = {"mode": "stc", "server_optimizer": optimizer, "server_lr": 5e-4}
+    (warning,) = config_warnings(load_dict({"flq_algorithm": algo}))
+    assert "mode = 'stc'" in warning and repr(optimizer) in warning and "'avg'" in warning
+    for plain in ("avg", "sgd", "momentum"):
+        algo = {"mode": "stc", "server_optimizer": plain}
+        assert config_warnings(load_dict({"flq_algorithm": algo})) == []
+    assert config_warnings(load_dict({"flq_algorithm": {"server_optimizer": optimizer}})) == []

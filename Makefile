@@ -91,7 +91,8 @@ container-deps:
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null \
-	    || { echo "could not install$$missing (need root: sudo make test-containers)"; exit 1; }; \
+	    || { echo "make container-deps: apt-get could not install$$missing (its error above;" \
+	              "root and Debian's mirror needed: sudo make test-containers)" >&2; exit 1; }; \
 	fi
 
 test-containers: $(STAMP) container-deps

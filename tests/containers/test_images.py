@@ -83,15 +83,7 @@ class Podman:
         if nice and os.nice(0) < BUILD_NICENESS:  # `nice -n 10 make ...` is nice enough
             command = ["nice", "-n", str(BUILD_NICENESS - os.nice(0)), *command]
         step = what or f"podman {' '.join(args[:3])}"
-        try:
-            done = subprocess.run(
-                command, env=self.env, capture_output=True, text=True, timeout=timeout
-            )
-        except subprocess.TimeoutExpired as expired:
-            pytest.fail(f"{step}: no result after {timeout:.0f} s{_tails(expired)}")
-        if check and done.returncode != 0:
-            pytest.fail(f"{step}: podman exited {done.returncode}{_tails(done)}")
-        return done
+        return run_step(command, self.env, timeout, step, check)
 
     def logs_tail(self, container: str) -> str:
         """What a container wrote (`podman logs` gives its stdout and stderr as such)."""
@@ -104,6 +96,20 @@ class Podman:
     def exit_code(self, container: str, timeout: float) -> int:
         done = self.run("wait", container, timeout=timeout)
         return int(done.stdout.strip().splitlines()[-1])
+
+
+def run_step(
+    command: list[str], env: dict[str, str], timeout: float, step: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run `command`; a timeout (or, with `check`, a failure) fails the test naming `step`,
+    with the tail of the command's output, where its error is."""
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:
+        pytest.fail(f"{step}: no result after {timeout:.0f} s{_tails(expired)}")
+    if check and done.returncode != 0:
+        pytest.fail(f"{step}: exited {done.returncode}{_tails(done)}")
+    return done
 
 
 def _tails(done: subprocess.CompletedProcess[str] | subprocess.TimeoutExpired) -> str:
@@ -131,19 +137,12 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     """The base image (once per machine), then the master and worker images of this tree."""
     tool = Podman(_containers_conf(tmp_path_factory.mktemp("podman")))
     deadline = time.monotonic() + BUILD_BUDGET_S
-    step = f"the base image {BASE_IMAGE} (deploy/container/test-base.sh)"
-    try:
-        base = subprocess.run(
-            [str(ROOT / "deploy/container/test-base.sh"), BASE_IMAGE],
-            env=tool.env,
-            capture_output=True,
-            text=True,
-            timeout=deadline - time.monotonic(),
-        )
-    except subprocess.TimeoutExpired as expired:
-        pytest.fail(f"{step}: no result after {BUILD_BUDGET_S} s{_tails(expired)}")
-    if base.returncode != 0:
-        pytest.fail(f"{step}: exited {base.returncode}{_tails(base)}")
+    run_step(
+        [str(ROOT / "deploy/container/test-base.sh"), BASE_IMAGE],
+        tool.env,
+        BUILD_BUDGET_S,
+        f"the base image {BASE_IMAGE} (deploy/container/test-base.sh)",
+    )
     for target, image in (("master", MASTER_IMAGE), ("worker", WORKER_IMAGE)):
         tool.run(
             "build",

@@ -14,7 +14,8 @@ import numpy as np
 
 from flq.codec.chunks import TensorChunk
 
-PROTOCOL_VERSION = 1  # Hello and Welcome carry it; a master refuses any other
+PROTOCOL_VERSION = 2  # Hello and Welcome carry it; a master refuses any other
+# 2: the grid codecs may arrive under bzip2 (BLOCK_GRID_BZ2, LAQ_GRID_BZ2), which a 1 cannot decode
 OPTIMIZERS: Final = ("sgd", "adam")  # local optimizers a worker can train with
 
 __all__ = [

@@ -1,7 +1,8 @@
 """Downlink: one shared reference theta_ref on the master, mirrored by every in-sync worker.
 
-Each round the master moves theta_ref towards theta by a `b_down`-bit LAQ-grid delta (or sets it
-to theta when b_down is 32), or with `density` p > 0 by a sparse ternary delta: the top p of
+Each round the master moves theta_ref towards theta by a `b_down`-bit LAQ-grid delta, its indices
+under bzip2 where that is smaller (flq/codec/lossless.py; or sets it to theta when b_down is 32),
+or with `density` p > 0 by a sparse ternary delta: the top p of
 theta - theta_ref as +-mu (flq/algorithm/stc.py). What a delta leaves out stays in
 theta - theta_ref and is sent in later rounds: the server-side error accumulation of STC
 (Sattler et al., arXiv 1903.02891), with no separate residual to keep. Then the version goes up.
@@ -25,7 +26,7 @@ import numpy as np
 
 from flq.algorithm._arrays import as_float32, check_finite, check_shapes, shapes_of
 from flq.algorithm.stc import sparsify
-from flq.codec import EncodedTensor, decode, encode_float32, encode_laq_grid, header_bits
+from flq.codec import EncodedTensor, decode, encode_float32, encode_laq_grid, header_bits, lossless
 
 FLOAT_BITS = 32
 CACHED_ROUNDS = 64  # deltas kept for workers that missed rounds (a chain is capped by cost too)
@@ -138,7 +139,7 @@ class DownlinkSender:
         else:
             delta = [encode_laq_grid(g, self.b_down) for g in gap]
         moved = [r + decode(e, r.shape) for r, e in zip(reference, delta, strict=True)]
-        return delta, moved
+        return [lossless.smaller(e) for e in delta], moved
 
     def state(self) -> dict[str, Any]:
         return {

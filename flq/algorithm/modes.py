@@ -4,7 +4,8 @@
 - `laq8`: the raw update, 8-bit unbiased stochastic quantization (optional error feedback).
 - `bbit`: the innovation u - Q_hat with `b_up` bits: on the LAQ grid (one radius per tensor, the
   DESIGN formula) or, with `bbit_block` = N > 0, on the block grid (0 on the grid, one radius per
-  N values; flq/codec/blockgrid.py).
+  N values; flq/codec/blockgrid.py); either grid's indices go under bzip2 where that is smaller
+  (lossless, flq/codec/lossless.py).
 - `bin`: the sign of the innovation, one shared magnitude (1 bit per value).
 - `stc`: sparse ternary compression (Sattler et al.): the top `density` fraction of the update
   plus the worker's residual, as +-mu at Golomb-coded positions (flq/algorithm/stc.py). A
@@ -36,6 +37,7 @@ from flq.codec import (
     encode_sign,
     encode_stochastic,
 )
+from flq.codec.lossless import COMPRESSED_OF, smaller
 
 Mode: TypeAlias = Literal["fedavg", "laq8", "bbit", "bin", "stc", "sti"]
 MODES: tuple[Mode, ...] = get_args(Mode)
@@ -100,9 +102,11 @@ def encode_upload(
     if mode == "laq8":
         return encode_stochastic(values, _LAQ8_BITS, rng)
     if mode == "bbit" and bbit_block > 0:
-        return encode_block_grid(values, b_up, bbit_block, rng if stochastic_rounding else None)
+        return smaller(
+            encode_block_grid(values, b_up, bbit_block, rng if stochastic_rounding else None)
+        )
     if mode == "bbit":
-        return encode_laq_grid(values, b_up, rng if stochastic_rounding else None)
+        return smaller(encode_laq_grid(values, b_up, rng if stochastic_rounding else None))
     return encode_sign(values)
 
 
@@ -140,7 +144,8 @@ def check_upload(
     expected_codec = upload_codec(mode, bbit_block)
     for index, (tensor, shape) in enumerate(zip(encoded, shapes, strict=True)):
         if tensor.codec != expected_codec and not (
-            is_sparse(mode) and gap_classes and tensor.codec in SPARSE_CODECS
+            (is_sparse(mode) and gap_classes and tensor.codec in SPARSE_CODECS)
+            or tensor.codec == COMPRESSED_OF.get(expected_codec)
         ):
             raise ValueError(
                 f"tensor {index}: codec {Codec(tensor.codec).name}, mode {mode} sends "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flq.codec import blockgrid, gapclass, quantizers, sparse
+from flq.codec import blockgrid, gapclass, lossless, quantizers, sparse
 from flq.codec.bitpack import MAX_BITS, MIN_BITS, check_payload, packed_size
 from flq.codec.errors import CodecError
 from flq.codec.tensor import Codec, EncodedTensor
@@ -129,6 +129,58 @@ def _sparse_spec(
     )
 
 
+def _compressed_spec(base: CodecSpec) -> CodecSpec:
+    """`base` with its indices under bzip2 (flq/codec/lossless.py): the same header and checks;
+    the payload is inflated (never past the tensor's count) and checked as the base's."""
+    codec = lossless.COMPRESSED_OF[base.codec]
+
+    def decode(enc: EncodedTensor) -> np.ndarray:
+        expanded = lossless.expand(enc)
+        base.check_payload(expanded)
+        return base.decode(expanded)
+
+    def max_bytes(bits: int, count: int, scales: Scales) -> int:
+        base.check_scales(codec, base.scale_names, scales)  # the block size sets the radii
+        return lossless.max_payload_bytes(codec, bits, count, scales)
+
+    return CodecSpec(
+        codec=codec,
+        min_bits=base.min_bits,
+        max_bits=base.max_bits,
+        scale_names=base.scale_names,
+        encode=lambda x, o: lossless.compress(base.encode(x, o)),
+        decode=decode,
+        max_payload_bytes=max_bytes,
+        check_payload=lambda enc: base.check_payload(lossless.expand(enc)),
+        check_scales=lambda _codec, names, scales: base.check_scales(codec, names, scales),
+        decode_checks_payload=True,
+    )
+
+
+_BLOCK_GRID_SPEC = CodecSpec(
+    codec=Codec.BLOCK_GRID,
+    min_bits=blockgrid.MIN_BITS,
+    max_bits=MAX_BITS,
+    scale_names=("block",),
+    encode=lambda x, o: quantizers.encode_block_grid(x, o.bits, o.block, o.rng),
+    decode=lambda enc: blockgrid.decode(enc.data, enc.bits, enc.size, int(enc.scales[0])),
+    max_payload_bytes=_block_payload_bytes,
+    check_payload=lambda enc: blockgrid.check_payload(
+        enc.data, enc.bits, enc.size, int(enc.scales[0])
+    ),
+    check_scales=_block_scales,
+)
+_LAQ_GRID_SPEC = CodecSpec(
+    codec=Codec.LAQ_GRID,
+    min_bits=MIN_BITS,
+    max_bits=MAX_BITS,
+    scale_names=("R",),
+    encode=lambda x, o: quantizers.encode_laq_grid(x, o.bits, o.rng),
+    decode=_grid_decode,
+    max_payload_bytes=_packed_bytes,
+    check_payload=_packed_payload,
+)
+
 SPECS: dict[Codec, CodecSpec] = {
     spec.codec: spec
     for spec in (
@@ -144,16 +196,7 @@ SPECS: dict[Codec, CodecSpec] = {
             max_payload_bytes=_packed_bytes,
             check_payload=_packed_payload,
         ),
-        CodecSpec(
-            codec=Codec.LAQ_GRID,
-            min_bits=MIN_BITS,
-            max_bits=MAX_BITS,
-            scale_names=("R",),
-            encode=lambda x, o: quantizers.encode_laq_grid(x, o.bits, o.rng),
-            decode=_grid_decode,
-            max_payload_bytes=_packed_bytes,
-            check_payload=_packed_payload,
-        ),
+        _LAQ_GRID_SPEC,
         CodecSpec(
             codec=Codec.SIGN,
             min_bits=1,
@@ -164,24 +207,14 @@ SPECS: dict[Codec, CodecSpec] = {
             max_payload_bytes=_packed_bytes,
             check_payload=_packed_payload,
         ),
-        CodecSpec(
-            codec=Codec.BLOCK_GRID,
-            min_bits=blockgrid.MIN_BITS,
-            max_bits=MAX_BITS,
-            scale_names=("block",),
-            encode=lambda x, o: quantizers.encode_block_grid(x, o.bits, o.block, o.rng),
-            decode=lambda enc: blockgrid.decode(enc.data, enc.bits, enc.size, int(enc.scales[0])),
-            max_payload_bytes=_block_payload_bytes,
-            check_payload=lambda enc: blockgrid.check_payload(
-                enc.data, enc.bits, enc.size, int(enc.scales[0])
-            ),
-            check_scales=_block_scales,
-        ),
+        _BLOCK_GRID_SPEC,
         # the Rice parameter / the number of gap classes, chosen by the encoder
         _sparse_spec(Codec.SPARSE_TERNARY, 0, sparse.MAX_RICE_BITS, sparse.max_ternary_bytes),
         _sparse_spec(
             Codec.SPARSE_TERNARY_GAPCLASS, 1, gapclass.MAX_CLASSES, sparse.max_gapclass_bytes
         ),
+        _compressed_spec(_BLOCK_GRID_SPEC),
+        _compressed_spec(_LAQ_GRID_SPEC),
     )
 }
 

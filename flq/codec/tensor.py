@@ -18,6 +18,8 @@ class Codec(enum.IntEnum):
     BLOCK_GRID = 6
     SPARSE_TERNARY = 7
     SPARSE_TERNARY_GAPCLASS = 8
+    BLOCK_GRID_BZ2 = 9
+    LAQ_GRID_BZ2 = 10
 
 
 HEADER_FIXED_BITS = 16  # codec id (8) + bit width (8)

@@ -18,6 +18,8 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CODEC_BLOCK_GRID: _ClassVar[Codec]
     CODEC_SPARSE_TERNARY: _ClassVar[Codec]
     CODEC_SPARSE_TERNARY_GAPCLASS: _ClassVar[Codec]
+    CODEC_BLOCK_GRID_BZ2: _ClassVar[Codec]
+    CODEC_LAQ_GRID_BZ2: _ClassVar[Codec]
 CODEC_UNSPECIFIED: Codec
 CODEC_FLOAT32: Codec
 CODEC_FLOAT16: Codec
@@ -27,6 +29,8 @@ CODEC_SIGN: Codec
 CODEC_BLOCK_GRID: Codec
 CODEC_SPARSE_TERNARY: Codec
 CODEC_SPARSE_TERNARY_GAPCLASS: Codec
+CODEC_BLOCK_GRID_BZ2: Codec
+CODEC_LAQ_GRID_BZ2: Codec
 
 class TensorChunk(_message.Message):
     __slots__ = ("tensor_index", "tensor_count", "shape", "dtype", "codec", "bits", "scales", "chunk_index", "chunk_count", "data")

@@ -96,9 +96,15 @@ def test_mode_learns_digits_and_bills_exactly_the_payload(
     assert accuracy[-1] > 0.3, accuracy  # chance is 0.1 on 10 classes
     assert accuracy[-1] > accuracy[0], accuracy
     one_upload = payload_bits(MLP_SHAPES, bits, scales)
-    for row in rows:
-        assert int(row["failed"]) == 0
-        assert int(row["uplink_bits"]) == int(row["selected"]) * one_upload
+    billed = [(int(r["uplink_bits"]), int(r["selected"]) * one_upload) for r in rows]
+    assert all(int(r["failed"]) == 0 for r in rows)
+    if mode != "bbit":
+        assert all(got == packed for got, packed in billed)
+        return
+    # bbit's grid indices go under bzip2 where that is smaller (flq/codec/lossless.py): the
+    # bill is then what the compressed tensors cost, never more than packed, and less here.
+    assert all(0 < got <= packed for got, packed in billed), billed
+    assert sum(got for got, _ in billed) < sum(packed for _, packed in billed), billed
 
 
 def test_lazy_uploads_skip_and_stale_reuse_keeps_accuracy_rising(

@@ -55,7 +55,7 @@ def worker(port: int, stop: asyncio.Event, index: int = 0, **backoff: Any) -> An
 def test_a_worker_of_another_protocol_version_ends_with_a_clear_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(worker_session, "PROTOCOL_VERSION", 2)  # a newer worker
+    monkeypatch.setattr(worker_session, "PROTOCOL_VERSION", 3)  # a newer worker
 
     async def scenario() -> str:
         daemon, master = await start_synthetic_master(make_config(), tmp_path, PROBLEM)
@@ -68,7 +68,7 @@ def test_a_worker_of_another_protocol_version_ends_with_a_clear_message(
             await asyncio.wait_for(master, 20)
 
     message = asyncio.run(scenario())
-    assert message == "UNIMPLEMENTED: protocol version 2, master speaks 1"
+    assert message == "UNIMPLEMENTED: protocol version 3, master speaks 2"
 
 
 def test_a_protocol_error_from_the_master_ends_the_session_not_the_worker() -> None:

@@ -30,7 +30,12 @@ def test_the_hello_check_names_what_is_wrong() -> None:
     cases = [
         (Heartbeat(0, "idle", 0.0), "", ViolationCode.FAILED_PRECONDITION, "got Heartbeat"),
         (good, "w1", ViolationCode.PERMISSION_DENIED, "'w0' differs"),
-        (Hello("w0", PROTOCOL_VERSION + 1, 5), "", ViolationCode.UNIMPLEMENTED, "version 2"),
+        (
+            Hello("w0", PROTOCOL_VERSION + 1, 5),
+            "",
+            ViolationCode.UNIMPLEMENTED,
+            f"version {PROTOCOL_VERSION + 1}",
+        ),
     ]
     for message, session_id, code, text in cases:
         with pytest.raises(ProtocolViolation, match=text) as refused:

@@ -72,6 +72,8 @@ def test_codec_values_are_the_wire_values() -> None:
         "BLOCK_GRID": 6,
         "SPARSE_TERNARY": 7,
         "SPARSE_TERNARY_GAPCLASS": 8,
+        "BLOCK_GRID_BZ2": 9,
+        "LAQ_GRID_BZ2": 10,
     }
 
 
@@ -476,7 +478,7 @@ def good_laq() -> EncodedTensor:
         ({"scales": (1.0, 2.0)}, r"^scales: got 2 values, expected 1"),
         ({"shape": (10, -1)}, r"^shape: got \(10, -1\), expected a tuple of ints >= 0"),
         ({"shape": (2.5,)}, r"^shape: got \(2\.5,\), expected a tuple of ints"),
-        ({"codec": 9}, r"^codec: got 9, expected one of FLOAT32=1, .*BLOCK_GRID=6"),
+        ({"codec": 99}, r"^codec: got 99, expected one of FLOAT32=1, .*LAQ_GRID_BZ2=10"),
     ],
 )
 def test_malformed_tensors_are_refused_by_validate_and_decode(

@@ -102,12 +102,35 @@ def encode_upload(
     if mode == "laq8":
         return encode_stochastic(values, _LAQ8_BITS, rng)
     if mode == "bbit" and bbit_block > 0:
-        return smaller(
-            encode_block_grid(values, b_up, bbit_block, rng if stochastic_rounding else None)
-        )
+        return encode_block_grid(values, b_up, bbit_block, rng if stochastic_rounding else None)
     if mode == "bbit":
-        return smaller(encode_laq_grid(values, b_up, rng if stochastic_rounding else None))
+        return encode_laq_grid(values, b_up, rng if stochastic_rounding else None)
     return encode_sign(values)
+
+
+def quantize_update(
+    mode: Mode,
+    values: Sequence[np.ndarray],
+    b_up: int,
+    rng: np.random.Generator,
+    stochastic_rounding: bool = False,
+    bbit_block: int = 0,
+    density: float = 0.01,
+    gap_classes: bool = True,
+    per_tensor: bool = True,
+) -> list[EncodedTensor]:
+    """Quantize a whole update, each tensor in its packed form: stc and sti pick their top
+    values in each tensor (`per_tensor`) or over all tensors together; the other modes encode
+    each tensor on its own. `wire_form` gives what travels."""
+    if is_sparse(mode):
+        return sparsify(values, density, gap_classes, per_tensor)
+    return [encode_upload(mode, v, b_up, rng, stochastic_rounding, bbit_block) for v in values]
+
+
+def wire_form(encoded: Sequence[EncodedTensor]) -> list[EncodedTensor]:
+    """What travels: each grid tensor under bzip2 where that is smaller (lossless; a worker
+    decodes its own upload from the packed form, so it never inflates what it just compressed)."""
+    return [smaller(e) for e in encoded]
 
 
 def encode_update(
@@ -121,11 +144,20 @@ def encode_update(
     gap_classes: bool = True,
     per_tensor: bool = True,
 ) -> list[EncodedTensor]:
-    """Encode a whole update: stc and sti pick their top values in each tensor (`per_tensor`)
-    or over all tensors together; the other modes encode each tensor on its own."""
-    if is_sparse(mode):
-        return sparsify(values, density, gap_classes, per_tensor)
-    return [encode_upload(mode, v, b_up, rng, stochastic_rounding, bbit_block) for v in values]
+    """A whole update as it travels: `quantize_update`, then `wire_form`."""
+    return wire_form(
+        quantize_update(
+            mode,
+            values,
+            b_up,
+            rng,
+            stochastic_rounding,
+            bbit_block,
+            density,
+            gap_classes,
+            per_tensor,
+        )
+    )
 
 
 def check_upload(

@@ -24,7 +24,14 @@ from flq.algorithm._arrays import (
     zeros,
 )
 from flq.algorithm.lazy import LazyParams, decide, lazy_threshold
-from flq.algorithm.modes import Mode, encode_update, is_innovation, parse_mode, reuses_stale
+from flq.algorithm.modes import (
+    Mode,
+    is_innovation,
+    parse_mode,
+    quantize_update,
+    reuses_stale,
+    wire_form,
+)
 from flq.codec import EncodedTensor, decode
 
 
@@ -219,7 +226,7 @@ class UploadReference:
         delta = [decode(e, shape) for e, shape in zip(encoded, self.shapes, strict=True)]
         candidate = [q + d for q, d in zip(self.q_hat, delta, strict=True)]
         error = [v - d for v, d in zip(innovation, delta, strict=True)]
-        return encoded, delta, candidate, error, None
+        return wire_form(encoded), delta, candidate, error, None
 
     def _quantize_raw(self, update: Sequence[np.ndarray], rng: np.random.Generator) -> _Quantized:
         """fedavg/laq8/stc: quantize x = u (+ residual); eps = x - Qnew is the next residual.
@@ -236,7 +243,7 @@ class UploadReference:
             delta = quantized
         error = [x - n for x, n in zip(values, quantized, strict=True)]
         residual = error if self.settings.uses_residual else None
-        return encoded, delta, quantized, error, residual
+        return wire_form(encoded), delta, quantized, error, residual
 
 
 _Quantized = tuple[
@@ -251,7 +258,8 @@ _Quantized = tuple[
 def _encode_with(
     s: UploadSettings, values: Sequence[np.ndarray], rng: np.random.Generator
 ) -> list[EncodedTensor]:
-    return encode_update(
+    """The packed tensors `s` quantizes `values` to (decode these; `wire_form` is what is sent)."""
+    return quantize_update(
         s.mode, values, s.b_up, rng, s.stochastic_rounding, s.bbit_block, s.density, s.gap_classes
     )
 
@@ -259,8 +267,8 @@ def _encode_with(
 def upload_cost_bits(shapes: Sequence[tuple[int, ...]], config: RoundConfigLike) -> int:
     """The wire cost of one upload of tensors of these shapes under `config`'s upload settings,
     by encoding a seeded normal sample: exact for the fixed-size codecs; for stc/sti, whose
-    position codes depend on the values, the cost of that sample."""
+    position codes depend on the values, and bbit's grids under bzip2, the cost of that sample."""
     rng = np.random.default_rng(0)
     sample = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
-    encoded = _encode_with(UploadReference.key_for(config), sample, rng)
+    encoded = wire_form(_encode_with(UploadReference.key_for(config), sample, rng))
     return sum(e.cost_bits() for e in encoded)

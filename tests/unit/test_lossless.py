@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from flq.algorithm import LazyParams, UploadReference, UploadSettings
 from flq.algorithm.modes import check_upload, encode_update
 from flq.codec import (
     Codec,
@@ -145,3 +146,16 @@ def test_bbit_uploads_go_compressed_and_the_master_accepts_only_its_own_grid() -
     check_upload("bbit", 3, laq, shapes)
     with pytest.raises(ValueError, match="codec LAQ_GRID_BZ2, mode bbit sends BLOCK_GRID"):
         check_upload("bbit", 3, laq, shapes, bbit_block=256)
+
+
+def test_a_worker_sends_the_compressed_form_and_keeps_exactly_what_the_master_decodes() -> None:
+    shapes = [(400, 128), (8,)]
+    lazy = LazyParams(thr_scale=0.0, warmup=0)
+    reference = UploadReference(
+        shapes, UploadSettings(mode="bbit", b_up=3, bbit_block=256, lazy=lazy)
+    )
+    rng = np.random.default_rng(0)
+    prepared = reference.prepare([sparse_update(), np.zeros(8, np.float32)], 0, rng)
+    assert [t.codec for t in prepared.encoded] == [Codec.BLOCK_GRID_BZ2, Codec.BLOCK_GRID]
+    for sent, kept in zip(prepared.encoded, prepared.delta, strict=True):
+        assert np.array_equal(decode(sent, kept.shape), kept)

@@ -35,6 +35,9 @@ BASE_OF = {compressed: base for base, compressed in COMPRESSED_OF.items()}
 _LEVEL = 9  # bzip2's 900 kB block: a whole tensor of this CNN in one block
 # bzip2's worst case: 1 % larger plus 600 bytes (its manual, "bzBuffToBuffCompress").
 _SLACK_BYTES = 600
+# Below this many packed bytes bzip2's own header and tables (~40 bytes) cannot pay for
+# themselves: such tensors (biases) are not tried.
+_MIN_PACKED_BYTES = 60
 
 
 def head_bytes(codec: Codec, count: int, scales: tuple[float, ...]) -> int:
@@ -57,7 +60,7 @@ def compress(enc: EncodedTensor) -> EncodedTensor:
     """The compressed form of a BLOCK_GRID or LAQ_GRID tensor (same header)."""
     head = head_bytes(enc.codec, enc.size, enc.scales)
     indices = unpack_bits(memoryview(enc.data)[head:], enc.bits, enc.size)
-    stream = bz2.compress(indices.astype(value_dtype(enc.bits)).tobytes(), _LEVEL)
+    stream = bz2.compress(indices.tobytes(), _LEVEL)  # unpack_bits gives value_dtype(bits)
     data = enc.data[:head] + stream
     return EncodedTensor(COMPRESSED_OF[enc.codec], enc.shape, enc.bits, enc.scales, data)
 
@@ -67,7 +70,7 @@ def smaller(enc: EncodedTensor) -> EncodedTensor:
     if enc.codec not in COMPRESSED_OF:
         return enc
     packed = enc.data[head_bytes(enc.codec, enc.size, enc.scales) :]
-    if len(packed) <= _SLACK_BYTES // 10:  # bzip2's own header and tables cost ~40 bytes
+    if len(packed) <= _MIN_PACKED_BYTES:
         return enc
     compressed = compress(enc)
     return compressed if len(compressed.data) < len(enc.data) else enc

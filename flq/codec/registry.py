@@ -96,11 +96,11 @@ def _encode_stochastic(x: np.ndarray, options: EncodeOptions) -> EncodedTensor:
     return quantizers.encode_stochastic(x, options.bits, options.rng)
 
 
-def _block_scales(_codec: Codec, names: tuple[str, ...], scales: Scales) -> None:
+def _block_scales(codec: Codec, names: tuple[str, ...], scales: Scales) -> None:
     if len(scales) != len(names):
         raise CodecError(
             f"scales: got {len(scales)} values, expected {len(names)} ({list(names)}) "
-            "for BLOCK_GRID"
+            f"for {codec.name}"
         )
     blockgrid.check_block(scales[0])
 

@@ -159,3 +159,9 @@ def test_a_worker_sends_the_compressed_form_and_keeps_exactly_what_the_master_de
     assert [t.codec for t in prepared.encoded] == [Codec.BLOCK_GRID_BZ2, Codec.BLOCK_GRID]
     for sent, kept in zip(prepared.encoded, prepared.delta, strict=True):
         assert np.array_equal(decode(sent, kept.shape), kept)
+
+
+def test_a_bad_header_names_the_compressed_codec() -> None:
+    missing_block = EncodedTensor(Codec.BLOCK_GRID_BZ2, (4,), 3, (), b"")
+    with pytest.raises(CodecError, match=r"expected 1 \(\['block'\]\) for BLOCK_GRID_BZ2$"):
+        validate(missing_block)

@@ -133,33 +133,6 @@ def wire_form(encoded: Sequence[EncodedTensor]) -> list[EncodedTensor]:
     return [smaller(e) for e in encoded]
 
 
-def encode_update(
-    mode: Mode,
-    values: Sequence[np.ndarray],
-    b_up: int,
-    rng: np.random.Generator,
-    stochastic_rounding: bool = False,
-    bbit_block: int = 0,
-    density: float = 0.01,
-    gap_classes: bool = True,
-    per_tensor: bool = True,
-) -> list[EncodedTensor]:
-    """A whole update as it travels: `quantize_update`, then `wire_form`."""
-    return wire_form(
-        quantize_update(
-            mode,
-            values,
-            b_up,
-            rng,
-            stochastic_rounding,
-            bbit_block,
-            density,
-            gap_classes,
-            per_tensor,
-        )
-    )
-
-
 def check_upload(
     mode: Mode,
     b_up: int,

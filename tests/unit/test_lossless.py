@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from flq.algorithm import LazyParams, UploadReference, UploadSettings
-from flq.algorithm.modes import check_upload, encode_update
+from flq.algorithm.modes import check_upload, quantize_update, wire_form
 from flq.codec import (
     Codec,
     CodecError,
@@ -138,10 +138,10 @@ def test_bbit_uploads_go_compressed_and_the_master_accepts_only_its_own_grid() -
     update = [sparse_update(), np.zeros(8, np.float32)]
     shapes = [u.shape for u in update]
     rng = np.random.default_rng(0)
-    sent = encode_update("bbit", update, 3, rng, bbit_block=256)
+    sent = wire_form(quantize_update("bbit", update, 3, rng, bbit_block=256))
     assert [t.codec for t in sent] == [Codec.BLOCK_GRID_BZ2, Codec.BLOCK_GRID]
     check_upload("bbit", 3, sent, shapes, bbit_block=256)
-    laq = encode_update("bbit", update, 3, rng)
+    laq = wire_form(quantize_update("bbit", update, 3, rng))
     assert laq[0].codec is Codec.LAQ_GRID_BZ2
     check_upload("bbit", 3, laq, shapes)
     with pytest.raises(ValueError, match="codec LAQ_GRID_BZ2, mode bbit sends BLOCK_GRID"):

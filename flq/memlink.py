@@ -35,6 +35,7 @@ class Pipe(Generic[T]):
     queue: asyncio.Queue[tuple[T | None, int]] = field(default_factory=asyncio.Queue)
     closed: bool = False
     violation: ProtocolViolation | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set by close()
 
     def put(self, item: T, size: int) -> None:
         if self.closed:
@@ -46,6 +47,7 @@ class Pipe(Generic[T]):
             self.closed = True
             self.violation = violation
             self.queue.put_nowait((None, 0))  # None: the end (messages are never None)
+            self.ended.set()
 
     async def get(self) -> tuple[T, int]:
         item, size = await self.queue.get()
@@ -116,6 +118,10 @@ class MemoryWorkerLink:
     async def close(self) -> None:
         self._to_worker.close()
         self._to_master.close()
+
+    async def wait_ended(self) -> None:
+        """Until the worker's side is closed (its session ended) or the master closed it."""
+        await self._to_master.ended.wait()
 
 
 class MemoryMasterLink:

@@ -32,7 +32,6 @@ from flq.link import (
     ProtocolViolation,
     Received,
     ViolationCode,
-    WorkerLink,
 )
 from flq.memlink import MemoryMasterLink, Pipe, wire_size
 from flq.types import MasterMessage, WorkerMessage
@@ -83,11 +82,10 @@ class SimulatedWorker:
         """Start the session (it sends its Hello); returns the id of the node it runs on."""
         import ray
 
-        from flq.sim import SESSION_OPTIONS
-        from flq.worker.session import run_session
+        from flq.sim import run_simulated_session
 
         link = MemoryMasterLink(self._to_worker, self._to_master)
-        session = run_session(self._state, self._trainer, link, SESSION_OPTIONS)
+        session = run_simulated_session(self._state, self._trainer, link)
         self._session = asyncio.create_task(session)
         return str(ray.get_runtime_context().get_node_id())
 
@@ -209,6 +207,10 @@ class RayWorkerLink:
     async def close(self) -> None:
         await self._close()
 
+    async def wait_ended(self) -> None:
+        """Until the worker's session has ended (or its actor is lost): the reader's end."""
+        await self._incoming.ended.wait()
+
     async def finished(self, timeout_s: float) -> bool:
         """Whether the session ended within `timeout_s`; stops the reader either way."""
         try:
@@ -254,7 +256,7 @@ class RayWorkers:
         self._actors: list[Any] = []
         self._links: list[RayWorkerLink] = []
 
-    async def start(self) -> list[WorkerLink]:
+    async def start(self) -> list[RayWorkerLink]:
         ray = self._ray = import_ray()
         self._connected_here = connect(ray, self._address)
         spec = self._cfg.ray

@@ -20,13 +20,20 @@ import structlog
 
 from flq.blas import limit_blas_threads
 from flq.config import Config
-from flq.link import LinkClosed, PayloadCache, WorkerLink
+from flq.link import LinkClosed, PayloadCache
 from flq.master.bookkeeper import RoundBookkeeper
+from flq.master.control import SessionLink
 from flq.master.driver import RoundDriver, RoundFinished, StopRules
 from flq.master.federation import Federation, build_federation
-from flq.memlink import memory_link_pair, wire_size
+from flq.memlink import MemoryMasterLink, memory_link_pair, wire_size
 from flq.types import Shutdown
-from flq.worker.session import SessionOptions, Trainer, WorkerState, run_session
+from flq.worker.session import (
+    SessionOptions,
+    SessionOutcome,
+    Trainer,
+    WorkerState,
+    run_session,
+)
 
 log = structlog.get_logger("flq.sim")
 RowCallback = Callable[[dict[str, Any]], None]
@@ -89,12 +96,16 @@ async def simulate_async(
     books = RoundBookkeeper(fed, run_dir, checkpoints=False)
     rules = StopRules(max_rounds=cfg.system.max_rounds, target_accuracy=cfg.system.target_accuracy)
     driver = RoundDriver(fed.engine, books, rules, on_finish=_row_callback(on_round))
+    watchers: list[asyncio.Task[None]] = []
     try:
         for link in await workers.start():
             await fed.engine.accept(link)
+            watchers.append(asyncio.create_task(_detach_when_ended(fed, link)))
         await driver.run()
     finally:
         books.close()
+        for watcher in watchers:  # before the goodbye: every session ends after it
+            watcher.cancel()
         await _say_goodbye(fed)
         await workers.stop()
         await fed.aclose()
@@ -114,7 +125,7 @@ async def simulate_async(
 class SimulatedWorkers(Protocol):
     """Where a simulation's workers run: in this process, or as actors on a Ray cluster."""
 
-    async def start(self) -> list[WorkerLink]:
+    async def start(self) -> Sequence[SessionLink]:
         """Start every worker's session; the master's end of each, in worker order."""
         ...
 
@@ -148,13 +159,13 @@ class InProcessWorkers:
         self._seed = cfg.system.seed
         self._sessions: list[asyncio.Task[Any]] = []
 
-    async def start(self) -> list[WorkerLink]:
-        links: list[WorkerLink] = []
+    async def start(self) -> list[SessionLink]:
+        links: list[SessionLink] = []
         round_start_sizes = PayloadCache(wire_size)  # each round's payload measured once
         for index, trainer in enumerate(self._trainers):
             state = WorkerState(f"w{index}", seed=self._seed)
             master_end, worker_end = memory_link_pair(state.worker_id, round_start_sizes)
-            session = run_session(state, trainer, worker_end, SESSION_OPTIONS)
+            session = run_simulated_session(state, trainer, worker_end)
             self._sessions.append(asyncio.create_task(session))
             links.append(master_end)
         return links
@@ -166,6 +177,29 @@ class InProcessWorkers:
         for task in pending:
             task.cancel()
         await asyncio.gather(*self._sessions, return_exceptions=True)
+
+
+async def run_simulated_session(
+    state: WorkerState, trainer: Trainer, link: MemoryMasterLink
+) -> SessionOutcome:
+    """One simulated worker's session. Its link closes when the session ends, however it ends
+    (a crash in training included), so the master hears at once instead of waiting out each
+    round's deadline for a worker that, in memory, never reconnects."""
+    try:
+        return await run_session(state, trainer, link, SESSION_OPTIONS)
+    except Exception as error:
+        log.error("simulated worker crashed", worker=state.worker_id, error=repr(error))
+        raise
+    finally:
+        link.close()
+
+
+async def _detach_when_ended(fed: Federation, link: SessionLink) -> None:
+    """Forget a worker whose session ended before the simulation did, as the daemon forgets a
+    dropped stream: it is no longer invited, sent models or waited for."""
+    await link.wait_ended()
+    fed.registry.detach(link)
+    log.warning("simulated worker left", worker=link.worker_id, session=link.session_id)
 
 
 def _row_callback(on_round: RowCallback | None) -> RoundFinished | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from flq.config import Config
 from flq.link import ProtocolViolation
@@ -525,6 +526,47 @@ def test_heartbeats_keep_a_training_worker_seen() -> None:
     connected_at, mid_training, after = asyncio.run(scenario())
     assert mid_training > connected_at + 0.2  # seen again while held inside train()
     assert after >= mid_training
+
+
+class _CrashesInRound:
+    """Trains until round `crash_at`, then raises there: a board whose training process dies."""
+
+    def __init__(self, inner: SyntheticTrainer, crash_at: int) -> None:
+        self.inner, self.crash_at, self.calls = inner, crash_at, 0
+
+    @property
+    def num_samples(self) -> int:
+        return self.inner.num_samples
+
+    def train(self, weights: list[np.ndarray], spec: TrainSpec) -> Any:
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise RuntimeError("out of memory in train()")
+        return self.inner.train(weights, spec)
+
+
+def test_a_simulated_worker_that_crashes_is_let_go_not_waited_for(tmp_path: Path) -> None:
+    # A simulation waits for every offer; a worker whose session died would be waited for to
+    # each round's deadline (here 120 s) and invited again every round. Its closed link fails
+    # the round it died in, and the registry forgets it, as the daemon forgets a lost stream.
+    cfg = make_config(**{"system.max_rounds": 5, "system.round_timeout_s": 120.0})
+    trainers: list[Any] = [SyntheticTrainer(PROBLEM, i) for i in range(2)]
+    trainers.append(_CrashesInRound(SyntheticTrainer(PROBLEM, 2), crash_at=2))
+    with capture_logs() as logs:
+        federation, rows = run(cfg, tmp_path, trainers)
+    assert len(rows) == 5
+    assert "w2" in rows[0]["fresh"].split(";")
+    assert rows[1]["failures"] == "w2:disconnected", rows[1]
+    for row in rows[2:]:  # no longer invited, so neither failed nor waited for
+        assert int(row["failed"]) == 0 and "w2" not in row["fresh"], row
+        assert int(row["participants"]) == 2, row
+    assert all(float(row["seconds"]) < 60 for row in rows)  # not the 120 s deadline
+    assert [r.worker_id for r in federation.registry.connected()] == ["w0", "w1"]
+    crashed = [e for e in logs if e["event"] == "simulated worker crashed"]
+    assert [e["worker"] for e in crashed] == ["w2"]
+    assert "out of memory" in crashed[0]["error"]
+    left = [e["worker"] for e in logs if e["event"] == "simulated worker left"]
+    assert left == ["w2"]
 
 
 def test_a_simulation_waits_for_every_offer_however_slow_its_workers_are(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ from flq.types import MasterMessage, WorkerMessage
 log = structlog.get_logger("flq.raysim")
 T = TypeVar("T")
 _session_numbers = itertools.count(1)
+_simulation_numbers = itertools.count(1)
 
 
 def import_ray() -> Any:
@@ -260,13 +261,20 @@ class RayWorkers:
         ray = self._ray = import_ray()
         self._connected_here = connect(ray, self._address)
         spec = self._cfg.ray
-        actor_class = ray.remote(SimulatedWorker).options(
-            num_cpus=spec.num_cpus,
-            num_gpus=spec.num_gpus,
-            scheduling_strategy="SPREAD",  # over the nodes, not packed onto the first
-        )
+        actor_class = ray.remote(SimulatedWorker)
+        # Named after the worker (`ray list actors`, ray.get_actor), unique per simulation:
+        # two simulations of one driver share its namespace.
+        prefix = f"flq-sim{next(_simulation_numbers)}-"
         count = self._cfg.system.total_workers
-        self._actors = [actor_class.remote(self._cfg, index) for index in range(count)]
+        self._actors = [
+            actor_class.options(
+                name=f"{prefix}w{index}",
+                num_cpus=spec.num_cpus,
+                num_gpus=spec.num_gpus,
+                scheduling_strategy="SPREAD",  # over the nodes, not packed onto the first
+            ).remote(self._cfg, index)
+            for index in range(count)
+        ]
         nodes = await self._await_placement(spec.start_timeout_s)
         log.info("ray workers running", workers=count, nodes=len(set(nodes)), address=self._address)
         sizes, refs = PayloadCache(wire_size), PayloadCache(ray.put)

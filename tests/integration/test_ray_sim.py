@@ -75,6 +75,35 @@ def test_ray_workers_give_the_in_process_results(cluster: str, tmp_path: Path) -
 
 
 @pytest.mark.ray_cluster
+def test_a_worker_actor_killed_mid_run_fails_its_round_and_the_rest_carry_on(
+    cluster: str, tmp_path: Path
+) -> None:
+    import ray
+
+    def kill_w1_after_round_1(row: dict[str, Any]) -> None:
+        if int(row["round"]) == 1:
+            (name,) = [n for n in ray.util.list_named_actors() if n.endswith("-w1")]
+            ray.kill(ray.get_actor(name))  # as a node or process lost: no restart
+
+    cfg = digits_config(**{"system.max_rounds": 4})
+    with capture_logs() as logs:
+        result = simulate(
+            cfg, tmp_path / "run", on_round=kill_w1_after_round_1, ray_address=cluster
+        )
+    assert result.rounds == 4  # the engine carried on to the end without w1
+    rows = read_rounds(tmp_path / "run" / "rounds.csv")
+    assert int(rows[0]["participants"]) == 2
+    after = rows[1:]
+    # w1 fails the round it was lost in (like a dropped daemon link), then is no longer asked
+    assert any(row["failures"] == "w1:disconnected" for row in after), after
+    assert int(after[-1]["participants"]) == 1 and after[-1]["fresh"] in ("w0", "")
+    assert all("w1" not in row["fresh"] for row in after)
+    lost = [e for e in logs if e["event"] == "simulated worker lost"]
+    assert [e["worker"] for e in lost] == ["w1"]
+    assert float(rows[-1]["accuracy"]) > 0.5  # w0 alone still trains the model
+
+
+@pytest.mark.ray_cluster
 def test_workers_the_cluster_cannot_place_are_named(cluster: str, tmp_path: Path) -> None:
     cfg = digits_config(**{"ray.num_gpus": 1.0, "ray.start_timeout_s": 5.0})
     with pytest.raises(FlqError, match=r"2 of 2 simulated workers not running after 5 s") as error:

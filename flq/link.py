@@ -130,6 +130,13 @@ class WorkerLink(Protocol):
         ...
 
 
+class SessionLink(WorkerLink, Protocol):
+    """A WorkerLink whose end can be awaited, so the registry can forget it once it is over:
+    the gRPC stream (GrpcWorkerLink), an in-memory or a Ray simulated worker's session."""
+
+    async def wait_ended(self) -> None: ...
+
+
 class MasterLink(Protocol):
     """A worker's end of its session with the master."""
 

@@ -20,9 +20,8 @@ import structlog
 
 from flq.blas import limit_blas_threads
 from flq.config import Config
-from flq.link import LinkClosed, PayloadCache
+from flq.link import LinkClosed, PayloadCache, SessionLink
 from flq.master.bookkeeper import RoundBookkeeper
-from flq.master.control import SessionLink
 from flq.master.driver import RoundDriver, RoundFinished, StopRules
 from flq.master.federation import Federation, build_federation
 from flq.memlink import MemoryMasterLink, memory_link_pair, wire_size

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Protocol
 
 import structlog
 
 from flq.codec import EncodedTensor, encode_float32
 from flq.config import Config
-from flq.link import LinkClosed, ProtocolViolation, ViolationCode, WorkerLink
+from flq.link import LinkClosed, ProtocolViolation, SessionLink, ViolationCode
 from flq.master.bookkeeper import RoundBookkeeper
 from flq.master.federation import Federation
 from flq.metrics import MasterMetrics, MasterSources
@@ -25,12 +24,6 @@ from flq.types import ModelInfo, Shutdown, StatusReply, WorkerStatus
 log = structlog.get_logger("flq.master")
 GOODBYE_TIMEOUT_S = 2.0
 RECONNECT_AFTER_MS = 2000
-
-
-class SessionLink(WorkerLink, Protocol):
-    """A transport's session: a WorkerLink whose end can be awaited (GrpcWorkerLink)."""
-
-    async def wait_ended(self) -> None: ...
 
 
 class ControlPlane:

@@ -16,6 +16,8 @@ the grid, one float32 radius per N values), sign (bin), laq8's stochastic 8-bit 
 ternary (stc/sti: the top p of each tensor as +-mu, Golomb-coded positions). For the sparse code
 it also compares the Golomb-Rice bits per kept value with the empirical entropy of the gaps and
 signs it codes: what an entropy coder (arithmetic coding of the same gaps) could save at most.
+For the grid codes it reports the bits with their indices under bzip2 (flq/codec/lossless.py)
+and that stage's CPU time beside the packed encode and both decodes, on the same updates.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,6 +92,33 @@ def lossless_bits(codec: Codec, bits: int, block: int, tensors: list[np.ndarray]
             raise AssertionError(f"{codec.name}: the bzip2 form decodes differently")
         total += sent.cost_bits()
     return total / sum(v.size for v in tensors)
+
+
+def _median_ms(work: Callable[[], object], repeats: int) -> float:
+    """Median CPU time of `work` (this process's, not the wall clock: the box is shared)."""
+    took = []
+    for _ in range(repeats):
+        began = time.process_time()
+        work()
+        took.append(time.process_time() - began)
+    return 1e3 * float(np.median(took))
+
+
+def lossless_ms(
+    codec: Codec, bits: int, block: int, tensors: list[np.ndarray], repeats: int = 5
+) -> dict[str, float]:
+    """CPU cost of the bzip2 stage on one whole update, medians of `repeats` in milliseconds:
+    the packed encode it follows, the stage itself, and decoding either form."""
+    packed = [encode(codec, values, bits, block=block or 256) for values in tensors]
+    sent = [lossless.smaller(p) for p in packed]
+    return {
+        "encode_packed_ms": _median_ms(
+            lambda: [encode(codec, v, bits, block=block or 256) for v in tensors], repeats
+        ),
+        "bzip2_stage_ms": _median_ms(lambda: [lossless.smaller(p) for p in packed], repeats),
+        "decode_packed_ms": _median_ms(lambda: [decode(p) for p in packed], repeats),
+        "decode_bzip2_ms": _median_ms(lambda: [decode(p) for p in sent], repeats),
+    }
 
 
 def _entropy_bits(symbols: np.ndarray) -> float:
@@ -190,9 +220,19 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|" + "---:|" * len(inputs))
     compressed = []
     for name, (codec, bits, block) in LOSSLESS.items():
-        cells = {label: lossless_bits(codec, bits, block, t) for label, t in inputs.items()}
-        compressed.append({"codec": f"{name} + bzip2", **cells})
-        print(f"| {name} + bzip2 | " + " | ".join(f"{v:.3f}" for v in cells.values()) + " |")
+        per_input = {label: lossless_bits(codec, bits, block, t) for label, t in inputs.items()}
+        compressed.append({"codec": f"{name} + bzip2", **per_input})
+        print(f"| {name} + bzip2 | " + " | ".join(f"{v:.3f}" for v in per_input.values()) + " |")
+    print()
+    print("CPU time per whole update (ms, median of 5, this machine):")
+    print("| grid code | input | packed encode | bzip2 stage | decode packed | decode bzip2 |")
+    print("|---|---|---:|---:|---:|---:|")
+    timings = []
+    for name, (codec, bits, block) in LOSSLESS.items():
+        for label, tensors in inputs.items():
+            ms = lossless_ms(codec, bits, block, tensors)
+            timings.append({"codec": name, "input": label, **ms})
+            print(f"| {name} | {label} | " + " | ".join(f"{v:.1f}" for v in ms.values()) + " |")
     print()
     print(
         "| input | p | Golomb-Rice bits per kept value | adaptive class code | "
@@ -217,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps,
             "rows": rows,
             "lossless": compressed,
+            "lossless_ms": timings,
             "codes": codes,
         }
         args.json.write_text(json.dumps(payload, indent=1) + "\n")

@@ -171,7 +171,9 @@ def cleanup(podman: Podman) -> Iterator[list[tuple[str, str]]]:
     yield created
     for kind, name in reversed(created):
         if kind == "container":
-            podman.run("rm", "--force", "--time", "0", name, check=False)
+            # --volumes: the anonymous volume the image's VOLUME /var/lib/flq gives a container
+            # run without one of ours would otherwise outlive it, one per test run.
+            podman.run("rm", "--force", "--volumes", "--time", "0", name, check=False)
         elif kind == "pod":
             podman.run("pod", "rm", "--force", "--time", "0", name, check=False)
         else:

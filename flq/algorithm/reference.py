@@ -260,7 +260,15 @@ def _encode_with(
 ) -> list[EncodedTensor]:
     """The packed tensors `s` quantizes `values` to (decode these; `wire_form` is what is sent)."""
     return quantize_update(
-        s.mode, values, s.b_up, rng, s.stochastic_rounding, s.bbit_block, s.density, s.gap_classes
+        s.mode,
+        values,
+        s.b_up,
+        rng,
+        s.stochastic_rounding,
+        s.bbit_block,
+        s.density,
+        gap_classes=s.gap_classes,
+        per_tensor=s.per_tensor,
     )
 
 

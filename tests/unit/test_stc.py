@@ -160,6 +160,19 @@ def _stc_reference(**kwargs: object) -> UploadReference:
     return UploadReference(SHAPES, settings)
 
 
+def test_a_model_scope_worker_sends_one_top_k_that_the_master_accepts() -> None:
+    # The worker once dropped sparse_scope on its way to the codec (0aa842e): every tensor kept
+    # its own top ceil(p*n), more than model scope allows, and the master refused each upload.
+    rng = np.random.default_rng(2)
+    values = _update(rng)
+    values[1] *= 10
+    prepared = _stc_reference(per_tensor=False).prepare(values, 0, rng)
+    assert kept_count(prepared.encoded) == round(0.05 * TOTAL)
+    assert int(prepared.encoded[1].scales[1]) > math.ceil(0.05 * 25)  # more than its own share
+    assert len({e.scales[0] for e in prepared.encoded if e.scales[1]}) == 1  # one mu
+    ContributionStore(SHAPES, "stc", density=0.05, per_tensor=False).check(prepared.encoded)
+
+
 def test_the_residual_keeps_exactly_what_was_not_sent_and_survives_skipped_rounds() -> None:
     rng = np.random.default_rng(3)
     reference = _stc_reference()

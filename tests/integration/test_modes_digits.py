@@ -115,3 +115,22 @@ def test_lazy_uploads_skip_and_stale_reuse_keeps_accuracy_rising(
     assert sum(int(r["skipped"]) for r in rows) > 0
     accuracy = [float(r["accuracy"]) for r in rows]
     assert accuracy[-1] > 0.5 and accuracy[-1] > accuracy[0], accuracy
+
+
+def test_stc_learns_digits_over_grpc_with_every_upload_accepted(
+    tmp_path: Path, trainers: list[Any]
+) -> None:
+    # gap_code best: each tensor travels as the smaller of Golomb-Rice and gap classes, through
+    # real protobuf and the master's upload check.
+    cfg = config("stc", 4, **{"flq_algorithm.density": 0.05})
+    rows = run_federation(cfg, tmp_path, trainers)
+    assert all(int(r["failed"]) == 0 and int(r["selected"]) == WORKERS for r in rows), rows
+    accuracy = [float(r["accuracy"]) for r in rows]
+    assert accuracy[-1] > 0.3 and accuracy[-1] > accuracy[0], accuracy
+    # k = ceil(0.05 n) values a tensor (205 + 4 + 32 + 1 = 242 an upload), each at most a
+    # few bits for its position and sign: between 2 and 16 bits a kept value here.
+    kept = sum(math.ceil(0.05 * math.prod(shape)) for shape in MLP_SHAPES)
+    headers = sum(HEADER_BITS + 32 * len(shape) + 64 for shape in MLP_SHAPES)
+    for row in rows:
+        per_upload = int(row["uplink_bits"]) / WORKERS
+        assert 2 * kept + headers <= per_upload <= 16 * kept + headers, row

@@ -22,7 +22,7 @@ from flq.config import Config
 from flq.demo import free_port
 from flq.memlink import memory_link_pair
 from flq.synthetic import SyntheticProblem, SyntheticTrainer
-from flq.types import RoundConfig, RoundStart, Welcome
+from flq.types import PROTOCOL_VERSION, RoundConfig, RoundStart, Welcome
 from flq.worker import session as worker_session
 from flq.worker.connection import Backoff, FatalConnectionError, run_connected
 from flq.worker.session import SessionEnd, SessionOptions, WorkerState, run_session
@@ -55,7 +55,7 @@ def worker(port: int, stop: asyncio.Event, index: int = 0, **backoff: Any) -> An
 def test_a_worker_of_another_protocol_version_ends_with_a_clear_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(worker_session, "PROTOCOL_VERSION", 3)  # a newer worker
+    monkeypatch.setattr(worker_session, "PROTOCOL_VERSION", PROTOCOL_VERSION + 1)  # newer
 
     async def scenario() -> str:
         daemon, master = await start_synthetic_master(make_config(), tmp_path, PROBLEM)
@@ -68,7 +68,9 @@ def test_a_worker_of_another_protocol_version_ends_with_a_clear_message(
             await asyncio.wait_for(master, 20)
 
     message = asyncio.run(scenario())
-    assert message == "UNIMPLEMENTED: protocol version 3, master speaks 2"
+    assert message == (
+        f"UNIMPLEMENTED: protocol version {PROTOCOL_VERSION + 1}, master speaks {PROTOCOL_VERSION}"
+    )
 
 
 def test_a_protocol_error_from_the_master_ends_the_session_not_the_worker() -> None:

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from flq.algorithm._arrays import as_float32, check_finite, check_shapes, shapes_of
+from flq.algorithm.modes import wire_form
 from flq.algorithm.stc import sparsify
-from flq.codec import EncodedTensor, decode, encode_float32, encode_laq_grid, header_bits, lossless
+from flq.codec import EncodedTensor, decode, encode_float32, encode_laq_grid, header_bits
 
 FLOAT_BITS = 32
 CACHED_ROUNDS = 64  # deltas kept for workers that missed rounds (a chain is capped by cost too)
@@ -139,7 +140,7 @@ class DownlinkSender:
         else:
             delta = [encode_laq_grid(g, self.b_down) for g in gap]
         moved = [r + decode(e, r.shape) for r, e in zip(reference, delta, strict=True)]
-        return [lossless.smaller(e) for e in delta], moved
+        return wire_form(delta), moved
 
     def state(self) -> dict[str, Any]:
         return {

@@ -128,8 +128,9 @@ def quantize_update(
 
 
 def wire_form(encoded: Sequence[EncodedTensor]) -> list[EncodedTensor]:
-    """What travels: each grid tensor under bzip2 where that is smaller (lossless; a worker
-    decodes its own upload from the packed form, so it never inflates what it just compressed)."""
+    """What travels: each grid tensor under bzip2 where that is smaller (lossless). Uploads and
+    the master's downlink delta alike; each sender decodes what it keeps from the packed form, so
+    it never inflates what it just compressed."""
     return [smaller(e) for e in encoded]
 
 
